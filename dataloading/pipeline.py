@@ -1,0 +1,386 @@
+"""DALI loaders over packed webdataset shards: the multi-crop SwAV/SEER train loader and a plain eval loader.
+
+The same graph runs on CPU (device="cpu": CPU decode and ops, CPU torch tensors) or on a GPU (device="cuda":
+"mixed" decode, GPU ops, CUDA tensors). Graphs are defined by `define_*_pipeline` without building or running
+them, so a GPU graph can be checked (`pipe.serialize()`) on a machine without one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from nvidia.dali import fn, types
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from dataloading.config import AugmentConfig, CropGroup, DataConfig
+from dataloading.pack import KEY_DIGITS, MANIFEST
+
+READER = "reader"
+LABEL_WIDTH = 9  # .cls entries hold an ASCII class index; padded to fixed width so a batch is one dense tensor
+_KEY_SUFFIX = len(".jpg")
+ASPECT_RATIO = (3 / 4, 4 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------- shards
+def read_manifest(shards_dir: str | os.PathLike) -> tuple[dict, list[str], list[str]]:
+    """The manifest of a packed folder and the paths of its tar and index files; clear errors when unusable."""
+    folder = Path(shards_dir)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {folder} is not a packed shard folder (create one with dataloading.pack.pack)"
+        )
+    manifest = json.loads(path.read_text())
+    if not manifest.get("shards") or manifest.get("kept", 0) == 0:
+        raise ValueError(f"{path} lists no samples: nothing was packed into {folder} (see its 'skipped')")
+    tars = [str(folder / s["tar"]) for s in manifest["shards"]]
+    idxs = [str(folder / s["idx"]) for s in manifest["shards"]]
+    missing = [p for p in tars + idxs if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{path} lists files that are missing: {missing[:3]}")
+    return manifest, tars, idxs
+
+
+def _read_samples(tars, idxs, labelled: bool, **reader_args):
+    """Encoded images and (when labelled) their raw .cls bytes."""
+    outputs = fn.readers.webdataset(
+        paths=tars,
+        index_paths=idxs,
+        ext=["jpg", "cls"] if labelled else ["jpg"],
+        missing_component_behavior="error",
+        name=READER,
+        **reader_args,
+    )
+    return (outputs[0], outputs[1]) if labelled else (outputs, None)
+
+
+def _decode(jpegs, channels: int, device: str):
+    return fn.decoders.image(
+        jpegs, device="mixed" if device == "cuda" else "cpu", output_type=types.GRAY if channels == 1 else types.RGB
+    )
+
+
+def _normalize(images, mean, std, mirror=None):
+    """Float CHW, (x - mean) / std with mean and std given in [0, 1] units."""
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255 * m for m in mean],
+        std=[255 * s for s in std],
+        mirror=0 if mirror is None else mirror,
+    )
+
+
+def _meta_outputs(labels, jpegs, with_index: bool, device: str) -> tuple[list, list[str]]:
+    """Label bytes and (optionally) sample-key bytes as extra outputs; they are parsed to int64 in torch."""
+    outputs, names = [], []
+    if labels is not None:
+        outputs.append(fn.pad(labels, shape=[LABEL_WIDTH], fill_value=0))
+        names.append("label")
+    if with_index:
+        # source_info is "<tar>:<offset>:<key>.jpg"; the key is the KEY_DIGITS characters before ".jpg".
+        info = fn.get_property(jpegs, key="source_info")
+        start = fn.cast(info.shape() - (KEY_DIGITS + _KEY_SUFFIX), dtype=types.INT32)
+        outputs.append(fn.slice(info, start=start, shape=[KEY_DIGITS], axes=[0]))
+        names.append("index")
+    if device == "cuda":
+        outputs = [o.gpu() for o in outputs]
+    return outputs, names
+
+
+def _ascii_to_int(chars: torch.Tensor) -> torch.Tensor:
+    """(B, W) uint8 ASCII digits padded with non-digits -> int64 (B,)."""
+    digits = chars.long() - ord("0")
+    is_digit = (digits >= 0) & (digits <= 9)
+    value = torch.zeros(chars.shape[0], dtype=torch.int64, device=chars.device)
+    for column in range(chars.shape[1]):
+        value = torch.where(is_digit[:, column], value * 10 + digits[:, column], value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+def _coin(p: float):
+    """Per-sample 1.0 with probability p, else 0.0: parameters become `neutral + coin * (random - neutral)`,
+    which applies an op to some samples only without blending images."""
+    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+
+
+def _factor(strength: float, on):
+    """torchvision's jitter factor: uniform in [max(0, 1 - strength), 1 + strength] when on, else 1."""
+    return 1 + on * (fn.random.uniform(range=[max(0.0, 1 - strength), 1 + strength]) - 1)
+
+
+def _jitter_colors(images, aug: AugmentConfig, channels: int):
+    """torchvision-style ColorJitter applied with prob color_jitter_p, then RandomGrayscale (3 channels only).
+
+    Differences from torchvision: fixed order (contrast, brightness, then hue/saturation) and contrast around
+    mid-gray (128) instead of the image mean, so that every parameter is a CPU-side per-sample scalar on GPU too.
+    """
+    p = aug.color_jitter_p
+    if p > 0 and (aug.brightness > 0 or aug.contrast > 0):
+        jitter_on = _coin(p)
+        images = fn.brightness_contrast(
+            images, brightness=_factor(aug.brightness, jitter_on), contrast=_factor(aug.contrast, jitter_on)
+        )
+    else:
+        jitter_on = None
+    if channels != 3:
+        return images
+    hue = saturation = None
+    if p > 0 and (aug.hue > 0 or aug.saturation > 0):
+        on = jitter_on if jitter_on is not None else _coin(p)
+        degrees = 360 * aug.hue  # torchvision's hue is a fraction of the colour circle: 0.2 -> +-72 degrees
+        hue = on * fn.random.uniform(range=[-degrees, degrees])
+        saturation = _factor(aug.saturation, on)
+    if aug.grayscale_p > 0:
+        # Saturation 0 leaves the luma (the gray image) in all three channels.
+        keep_color = 1 - _coin(aug.grayscale_p)
+        saturation = keep_color if saturation is None else saturation * keep_color
+    if hue is None and saturation is None:
+        return images
+    return fn.hsv(images, hue=0.0 if hue is None else hue, saturation=1.0 if saturation is None else saturation)
+
+
+def _crop(image, group: CropGroup, cfg: DataConfig):
+    crop = fn.random_resized_crop(
+        image, size=[group.size, group.size], random_area=list(group.scale), random_aspect_ratio=list(ASPECT_RATIO)
+    )
+    crop = _jitter_colors(crop, cfg.augment, cfg.channels)
+    mirror = fn.random.coin_flip(probability=cfg.augment.flip_p) if cfg.augment.flip_p > 0 else None
+    return _normalize(crop, cfg.mean, cfg.std, mirror)
+
+
+def _check_channels(channels: int, mean, std) -> None:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} need one value per channel ({channels})")
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def _rank_seed(seed: int, shard_id: int) -> int:
+    """Different random streams per rank, reproducible for a (seed, rank) pair."""
+    return (seed * 10_000 + shard_id) % 2**31
+
+
+# ----------------------------------------------------------------------------------------------------- train
+def define_train_pipeline(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    device: str = "cpu",
+    device_id: int | None = None,
+    with_index: bool = False,
+    checkpoint: bytes | None = None,
+) -> tuple[Pipeline, list[str]]:
+    """The multi-crop train graph (not built) and the names of its outputs."""
+    _check_device(device)
+    _check_channels(cfg.channels, cfg.mean, cfg.std)
+    manifest, tars, idxs = read_manifest(cfg.train_shards)
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=cfg.num_threads,
+        device_id=device_id,
+        seed=_rank_seed(cfg.seed, shard_id),
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
+    )
+    with pipe:
+        jpegs, labels = _read_samples(
+            tars,
+            idxs,
+            manifest["classes"] is not None,
+            random_shuffle=True,
+            # Each epoch visits the tar files in a new order, the same on every rank (same seed), so the
+            # ranks' shards stay disjoint; the shuffle buffer then mixes samples within a rank.
+            shuffle_after_epoch=True,
+            shuffle_after_epoch_seed=cfg.seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+        )
+        image = _decode(jpegs, cfg.channels, device)  # once; every crop is cut from this decoded image
+        crops = [_crop(image, group, cfg) for group in cfg.crops for _ in range(group.count)]
+        meta, meta_names = _meta_outputs(labels, jpegs, with_index, device)
+        pipe.set_outputs(*crops, *meta)
+    return pipe, [f"crop{i}" for i in range(len(crops))] + meta_names
+
+
+class TrainLoader:
+    """Endless iterator of multi-crop batches: {"crops": [B×C×size×size per crop], "label": int64 (B,)}.
+
+    Crops are crop-major (group 0 copy 0, group 0 copy 1, ..., group 1 copy 0, ...); label is -1 for unlabelled
+    shards. Each epoch yields floor(samples_per_epoch / batch_size) full batches, then the next epoch starts.
+    Resume: DALI's own checkpointing (reader position, shuffle state and every random generator), see state_dict.
+    """
+
+    def __init__(self, cfg: DataConfig, *, batch_size, shard_id=0, num_shards=1, device="cpu", device_id=None,
+                 with_index=False):
+        self.cfg, self.batch_size, self.shard_id, self.num_shards = cfg, batch_size, shard_id, num_shards
+        self.device, self.device_id, self.with_index = device, device_id, with_index
+        self.crop_sizes = [group.size for group in cfg.crops for _ in range(group.count)]
+        self.epoch = 0  # epochs completed
+        self.step = 0  # batches yielded in total
+        self._build(checkpoint=None)
+
+    def _build(self, checkpoint: bytes | None) -> None:
+        pipe, self._names = define_train_pipeline(
+            self.cfg, batch_size=self.batch_size, shard_id=self.shard_id, num_shards=self.num_shards,
+            device=self.device, device_id=self.device_id, with_index=self.with_index, checkpoint=checkpoint,
+        )
+        self._iterator = DALIGenericIterator(
+            pipe, self._names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True,
+            prepare_first_batch=False,
+        )
+        self.samples_per_epoch = self._iterator.size  # samples of this rank's shard per epoch
+        self.steps_per_epoch = len(self._iterator)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size {self.batch_size} exceeds the {self.samples_per_epoch} samples of shard "
+                f"{self.shard_id}/{self.num_shards} in {self.cfg.train_shards}"
+            )
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            (batch,) = next(self._iterator)
+        except StopIteration:  # end of an epoch; auto_reset has already rewound the iterator
+            self.epoch += 1
+            (batch,) = next(self._iterator)
+        self.step += 1
+        crops = [batch[f"crop{i}"] for i in range(len(self.crop_sizes))]
+        out = {"crops": crops, "label": self._labels(batch, crops[0])}
+        if self.with_index:
+            out["index"] = _ascii_to_int(batch["index"])
+        return out
+
+    @staticmethod
+    def _labels(batch, like: torch.Tensor) -> torch.Tensor:
+        if "label" in batch:
+            return _ascii_to_int(batch["label"])
+        return torch.full((like.shape[0],), -1, dtype=torch.int64, device=like.device)
+
+    def state_dict(self) -> dict:
+        """Position after the batches yielded so far. The DALI checkpoint is bytes: save with torch.save/pickle."""
+        return {
+            "dali_checkpoint": self._iterator.checkpoints()[0],
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.cfg.seed,
+            "shard_id": self.shard_id,
+            "num_shards": self.num_shards,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the loader that produced `state` was (same config, rank and world size)."""
+        for key in ("seed", "shard_id", "num_shards", "batch_size"):
+            mine = self.cfg.seed if key == "seed" else getattr(self, key)
+            if state[key] != mine:
+                raise ValueError(
+                    f"loader state was saved with {key}={state[key]} but this loader has {key}={mine}; "
+                    "a DALI checkpoint only resumes the same rank layout, seed and batch size"
+                )
+        del self._iterator  # release the old pipeline's threads and buffers before building the new one
+        self._build(checkpoint=state["dali_checkpoint"])
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    device: str = "cpu",
+    device_id: int | None = None,
+    with_index: bool = False,
+) -> TrainLoader:
+    """Multi-crop loader over the shards in cfg.train_shards for rank `shard_id` of `num_shards`.
+
+    device="cuda" runs the graph on GPU `device_id` (default: $LOCAL_RANK, else 0). with_index adds
+    "index": the packed sample key (int64), for checks of sharding and coverage.
+    """
+    _check_device(device)
+    if device == "cuda" and device_id is None:
+        device_id = int(os.environ.get("LOCAL_RANK", 0))
+    return TrainLoader(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, device=device,
+                       device_id=device_id if device == "cuda" else None, with_index=with_index)
+
+
+# ------------------------------------------------------------------------------------------------------ eval
+def define_eval_pipeline(
+    shards_dir, *, size, channels, mean, std, batch_size, num_threads=2, shard_id=0, num_shards=1, device="cpu",
+    device_id=None, with_index=False,
+) -> tuple[Pipeline, list[str]]:
+    """The eval graph (not built): every sample once, in stored order, resized to size×size, normalized."""
+    _check_device(device)
+    _check_channels(channels, mean, std)
+    manifest, tars, idxs = read_manifest(shards_dir)
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
+    with pipe:
+        jpegs, labels = _read_samples(
+            tars, idxs, manifest["classes"] is not None, random_shuffle=False,
+            # pad_last_batch lets the iterator tell padding from data (it drops the padding);
+            # stick_to_shard keeps every pass on the same samples.
+            pad_last_batch=True, stick_to_shard=True, shard_id=shard_id, num_shards=num_shards,
+        )
+        image = fn.resize(_decode(jpegs, channels, device), size=[size, size])
+        meta, meta_names = _meta_outputs(labels, jpegs, with_index, device)
+        pipe.set_outputs(_normalize(image, mean, std), *meta)
+    return pipe, ["image"] + meta_names
+
+
+class EvalLoader:
+    """Re-iterable: each `for` is one pass yielding {"image": B×C×size×size, "label": int64 (B,)}; every sample of
+    this rank's shard exactly once, the last batch possibly smaller."""
+
+    def __init__(self, pipe: Pipeline, names: list[str], with_index: bool):
+        self._iterator = DALIGenericIterator(
+            pipe, names, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
+            prepare_first_batch=False,
+        )
+        self.with_index = with_index
+        self.samples = self._iterator.size
+        self._mid_pass = False
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __iter__(self):
+        if self._mid_pass:  # an earlier pass stopped early; DALI only rewinds at the end of a pass
+            for _ in self._iterator:
+                pass
+        self._mid_pass = True
+        for (batch,) in self._iterator:
+            out = {"image": batch["image"], "label": TrainLoader._labels(batch, batch["image"])}
+            if self.with_index:
+                out["index"] = _ascii_to_int(batch["index"])
+            yield out
+        self._mid_pass = False
+
+
+def build_eval_loader(
+    shards_dir, *, size, channels, mean, std, batch_size, num_threads=2, shard_id=0, num_shards=1, device="cpu",
+    device_id=None, with_index=False,
+) -> EvalLoader:
+    _check_device(device)
+    if device == "cuda" and device_id is None:
+        device_id = int(os.environ.get("LOCAL_RANK", 0))
+    pipe, names = define_eval_pipeline(
+        shards_dir, size=size, channels=channels, mean=mean, std=std, batch_size=batch_size,
+        num_threads=num_threads, shard_id=shard_id, num_shards=num_shards, device=device,
+        device_id=device_id if device == "cuda" else None, with_index=with_index,
+    )
+    return EvalLoader(pipe, names, with_index)

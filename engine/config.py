@@ -1,0 +1,207 @@
+"""Typed run configuration: dataclasses filled from YAML, then `section.key=value` overrides.
+
+Every key has a default here; `engine/configs/demo.yaml` is the demo's embedded default and the list of every key
+with its unit. Loading checks names and types strictly so a typo fails at start-up, not hours into a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dataloading.config import AugmentConfig, CropGroup, DataConfig
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "regnety_tiny"  # preset of engine.models.PRESETS or a timm RegNet name
+    head_hidden_dims: list[int] = field(default_factory=lambda: [8192, 8192])  # SEER: feat -> 8192 -> 8192 -> 256
+    head_batch_norm: bool = False  # SEER's head has no BN; SwAV RN50's has
+    embedding_dim: int = 256
+    num_prototypes: int = 16000
+    channels_last: bool = True  # NHWC activations: faster convolutions on CPU and on tensor cores
+
+
+@dataclass
+class SwAVConfig:
+    temperature: float = 0.1
+    epsilon: float = 0.05  # Sinkhorn entropy regularisation (SEER-10B: 0.03)
+    sinkhorn_iterations: int = 3  # SEER: 10
+    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])  # indices in crop-major order
+    freeze_prototypes_steps: int = 313  # prototypes get no update for this many first steps
+    backend: str = "auto"  # kernels backend: auto | torch | triton
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars (SGD + LARS, as SEER) | sgd (momentum SGD)
+    lr: float = 0.3  # peak learning rate per 256 images of global batch
+    final_lr_fraction: float = 0.001  # cosine decays to lr * this
+    warmup_steps: int = 100  # linear warm-up from 0 to the peak
+    momentum: float = 0.9
+    weight_decay: float = 1e-6  # not applied to biases and normalisation parameters
+    trust_coefficient: float = 0.001  # LARS eta
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # images per rank per step (each with every crop)
+    precision: str = "fp32"  # fp32 | bf16 (autocast with fp32 master weights, as SEER's AMP)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    output_dir: str = "runs/pretrain"
+    log_every: int = 10  # steps between metric records
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    seed: int = 0
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class EvalConfig:
+    train_shards: str = ""  # labelled shards the kNN memory bank is built from
+    test_shards: str = ""  # labelled shards that are classified
+    image_size: int = 224  # eval images are resized to this square
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def n_crops(self) -> int:
+        return sum(group.count for group in self.data.crops)
+
+    def to_dict(self) -> dict:
+        """Plain lists and scalars (tuples become lists), ready for YAML or JSON."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a Config from defaults, then the YAML file at `path` (None: the demo config), then overrides."""
+    path = Path(path) if path is not None else DEMO_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    cfg = _build(Config, raw, prefix="")
+    _check(cfg)
+    return cfg
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for name in parents:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {name!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; known keys here: {', '.join(fields)}")
+    missing = [f.name for f in fields.values()
+               if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"config key {prefix + missing[0]!r} is required")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], raw[name], prefix + name) for name in raw}
+    return cls(**values)
+
+
+def _coerce(kind, value, key: str):
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        if origin is tuple and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"config key {key!r} expects {len(args)} values, got {len(value)}")
+        item_kinds = [args[0]] * len(value) if origin is list or args[-1] is Ellipsis else list(args)
+        items = [_coerce(k, v, f"{key}[{i}]") for i, (k, v) in enumerate(zip(item_kinds, value))]
+        return origin(items)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool) and (type(value) is not kind):
+        raise ConfigError(f"config key {key!r} expects {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field checks, each saying which key to change."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    data, model, swav, optim, train = cfg.data, cfg.model, cfg.swav, cfg.optim, cfg.train
+    need(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}")
+    need(len(data.mean) == data.channels and len(data.std) == data.channels,
+         f"data.mean and data.std need one value per channel (data.channels={data.channels})")
+    need(all(s > 0 for s in data.std), "data.std values must be > 0")
+    need(len(data.crops) > 0 and cfg.n_crops >= 2, "data.crops must define at least 2 crops in total")
+    for i, group in enumerate(data.crops):
+        low, high = group.scale
+        need(group.size > 0 and group.count > 0, f"data.crops[{i}] needs size > 0 and count > 0")
+        need(0 < low <= high <= 1, f"data.crops[{i}].scale must satisfy 0 < low <= high <= 1, got {group.scale}")
+    need(len(swav.crops_for_assign) > 0 and len(set(swav.crops_for_assign)) == len(swav.crops_for_assign),
+         f"swav.crops_for_assign must be distinct crop indices, got {swav.crops_for_assign}")
+    need(all(0 <= c < cfg.n_crops for c in swav.crops_for_assign),
+         f"swav.crops_for_assign {swav.crops_for_assign} must index the {cfg.n_crops} crops of data.crops")
+    need(swav.temperature > 0 and swav.epsilon > 0 and swav.sinkhorn_iterations >= 1,
+         "swav.temperature and swav.epsilon must be > 0 and swav.sinkhorn_iterations >= 1")
+    need(swav.backend in ("auto", "torch", "triton"), f"swav.backend must be auto, torch or triton, got {swav.backend!r}")
+    need(swav.freeze_prototypes_steps >= 0, "swav.freeze_prototypes_steps must be >= 0")
+    need(model.num_prototypes > 0 and model.embedding_dim > 0, "model.num_prototypes and model.embedding_dim must be > 0")
+    need(optim.name in ("lars", "sgd"), f"optim.name must be lars or sgd, got {optim.name!r}")
+    need(optim.lr > 0 and 0 <= optim.final_lr_fraction <= 1, "optim.lr must be > 0 and optim.final_lr_fraction in [0, 1]")
+    need(optim.warmup_steps >= 0 and optim.weight_decay >= 0, "optim.warmup_steps and optim.weight_decay must be >= 0")
+    need(train.steps > 0 and train.batch_size > 0, "train.steps and train.batch_size must be > 0")
+    need(train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {train.precision!r}")
+    need(train.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {train.zero_stage}")
+    # ZeRO flattens each parameter group into one partition, so LARS would see partition norms instead of
+    # per-layer norms (DeepSpeed issue #490) and silently train something else.
+    need(not (optim.name == "lars" and train.zero_stage > 0),
+         "optim.name=lars needs train.zero_stage=0: LARS under ZeRO partitioning is not exact yet; "
+         "set train.zero_stage=0 or optim.name=sgd")
+    need(train.log_every > 0 and train.checkpoint_every > 0, "train.log_every and train.checkpoint_every must be > 0")
+    need(math.isfinite(optim.lr), "optim.lr must be finite")

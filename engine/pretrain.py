@@ -1,0 +1,204 @@
+"""SwAV pretraining loop.
+
+    seer pretrain [--config FILE] [--resume] [section.key=value ...]
+    deepspeed --num_gpus N --module engine.pretrain [--config FILE] [--resume] [section.key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from dataloading.pipeline import build_train_loader
+from engine.checkpoint import Checkpointer
+from engine.config import Config, load_config
+from engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown_and_exit
+from engine.metrics import MetricsWriter
+from engine.models import build_swav_model
+from engine.optim import build_optimizer, schedules
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON, generated from the resolved config (no second config file to keep in step)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "train_batch_size": cfg.train.batch_size * world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our LARS/SGD is a client optimizer
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def save_backbone(model, cfg: Config, path: Path) -> None:
+    """Backbone weights with timm's key names, plus what is needed to rebuild the network."""
+    torch.save({"backbone": cfg.model.backbone, "in_chans": cfg.data.channels,
+                "state_dict": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}}, path)
+
+
+class Pretrainer:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed()
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", self.dist.rank)
+        if not resume and self.checkpointer.latest_step() is not None:
+            raise FileExistsError(
+                f"{self.checkpointer.directory} already holds checkpoints: pass --resume to continue that run "
+                f"or set train.output_dir to a new folder"
+            )
+        torch.manual_seed(cfg.train.seed)
+        model = build_swav_model(cfg, group=self.dist.group).to(self.dist.device)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, cfg.optim),
+            config=deepspeed_config(cfg, self.dist.world_size),
+        )
+        self.model = self.engine.module
+        if cfg.train.zero_stage == 0:
+            # After initialize: DeepSpeed's start-up broadcast needs dense parameters, and ZeRO >= 1 keeps
+            # parameters as views of flat buffers, which a layout change would cut loose.
+            self.model.to(memory_format=self.model.memory_format)
+        else:
+            self.model.memory_format = torch.contiguous_format  # NHWC inputs against NCHW weights are slow
+        self.lr = schedules(cfg, cfg.train.batch_size * self.dist.world_size)
+        self.loader = build_train_loader(
+            cfg.data, batch_size=cfg.train.batch_size, shard_id=self.dist.rank, num_shards=self.dist.world_size,
+            device=self.dist.device.type, device_id=self.dist.local_rank if self.dist.device.type == "cuda" else None,
+        )
+        self.step = 0
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "git_commit": _git_commit()}))
+        state = self.checkpointer.load(self.engine) if resume else None
+        if state is not None:
+            self.step = state["step"]
+            self.loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["rng"])
+        elif self.dist.is_main:
+            save_backbone(self.model, cfg, self.output_dir / "backbone_init.pt")
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.dist.is_main)
+
+    def train(self) -> dict:
+        cfg, steps = self.cfg.train, self.cfg.train.steps
+        batches = iter(self.loader)
+        bar = tqdm(total=steps, initial=self.step, desc="pretrain", disable=not (self.dist.is_main and cfg.progress),
+                   dynamic_ncols=True)
+        zero = torch.zeros((), device=self.dist.device)
+        window_loss, window_start, data_time, window_steps = zero.clone(), time.perf_counter(), 0.0, 0
+        while self.step < steps:
+            fetch_start = time.perf_counter()
+            batch = next(batches)
+            data_time += time.perf_counter() - fetch_start
+            loss = self.train_step(batch["crops"])
+            self.step += 1
+            window_loss += loss.detach().float()
+            window_steps += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == steps:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "loss": all_reduce_mean(window_loss / window_steps).item(),
+                    "lr": self.lr["weights"][self.step - 1],
+                    "img_per_s": window_steps * cfg.batch_size * self.dist.world_size / elapsed,
+                    "data_time_share": data_time / elapsed,
+                    "epoch": self.loader.epoch,
+                }
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; see {self.metrics.path}")
+                self.metrics.write(self.step, **record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
+                window_loss, window_start, data_time, window_steps = zero.clone(), time.perf_counter(), 0.0, 0
+            if self.step % cfg.checkpoint_every == 0 or self.step == steps:
+                self.save_checkpoint()
+        bar.close()
+        if self.dist.is_main:
+            save_backbone(self.model, self.cfg, self.output_dir / "backbone_final.pt")
+        return {"steps": self.step, "output_dir": str(self.output_dir), "rank_divergence": self.rank_divergence()}
+
+    def train_step(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = self.lr[group["name"]][self.step]
+        autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+                    if self.cfg.train.precision == "bf16" else nullcontext())
+        with autocast:
+            loss = self.engine(crops)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.model.head.normalize_prototypes()
+        return loss
+
+    def rank_divergence(self) -> float | None:
+        """Largest parameter difference between any rank and rank 0: data parallelism must keep it 0."""
+        if self.cfg.train.zero_stage == 3:
+            return None  # parameters are partitioned, not replicated
+        flat = torch.cat([p.detach().float().flatten() for p in self.model.parameters()])
+        reference = flat.clone()
+        dist.broadcast(reference, src=0)
+        divergence = (flat - reference).abs().max()
+        dist.all_reduce(divergence, op=dist.ReduceOp.MAX)
+        return divergence.item()
+
+    def save_checkpoint(self) -> None:
+        self.checkpointer.save(self.engine, self.step,
+                               {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()})
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def pretrain(cfg: Config, resume: bool = False) -> dict:
+    trainer = Pretrainer(cfg, resume=resume)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (default: the demo's embedded config)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="engine.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = pretrain(cfg, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
+        code = 0
+    except BaseException:  # print it here: shutdown_and_exit skips the interpreter's own report
+        traceback.print_exc()
+        code = 1
+    shutdown_and_exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

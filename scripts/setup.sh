@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian data package, a venv in .venv, pinned Python packages, the project in editable mode.
+# A second run only checks stamps and returns in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+DEEPSPEED_VERSION=0.19.8
+
+need_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  echo "[setup] installing Debian package dataset-fashion-mnist"
+  need_root apt-get update -qq
+  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist
+fi
+
+[ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV"; "$PY" -m venv "$VENV"; }
+stamp="$VENV/.seer-setup-stamp"
+want=$(cat requirements.txt setup.py scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+echo "[setup] installing Python packages into $VENV (first run: a few minutes)"
+"${pip[@]}" install --upgrade pip setuptools wheel
+"${pip[@]}" install torch==2.14.1 torchvision==0.29.1
+# DeepSpeed ships as an sdist whose isolated build would pull another torch; build it against ours, with the
+# CPU shared-memory collective compiled now instead of JIT-compiled at the first launch.
+if ! "$VENV/bin/python" -c "import deepspeed, sys; sys.exit(deepspeed.__version__ != '$DEEPSPEED_VERSION')" 2>/dev/null; then
+  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 "${pip[@]}" install --no-build-isolation --no-cache-dir "deepspeed==$DEEPSPEED_VERSION"
+fi
+"${pip[@]}" install -r requirements.txt
+"${pip[@]}" install --no-build-isolation --no-deps -e .
+echo "$want" > "$stamp"
+echo "[setup] done"
