@@ -62,17 +62,13 @@ class SwAVHead(nn.Module):
             in_dim = width
         layers.append(nn.Linear(in_dim, embedding_dim))
         self.projection = nn.Sequential(*layers)
-        # Unit-norm rows, kept in fp32 whatever the compute dtype; re-normalized after every optimizer step.
+        # Unit-norm rows, kept in fp32 whatever the compute dtype; the trainer re-normalizes them after every step.
         self.prototypes = nn.Parameter(F.normalize(torch.randn(num_prototypes, embedding_dim), dim=1))
         self.swav_options = swav_options
 
     def forward(self, features: torch.Tensor, n_crops: int) -> torch.Tensor:
         embeddings = self.projection(features)
         return kernels.swav_loss(embeddings, self.prototypes, n_crops=n_crops, **self.swav_options)
-
-    @torch.no_grad()
-    def normalize_prototypes(self) -> None:
-        self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
 
 
 class SwAVModel(nn.Module):

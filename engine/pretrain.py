@@ -19,7 +19,9 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
+from deepspeed.utils import safe_set_full_fp32_param
 from tqdm import tqdm
 
 from dataloading.pipeline import build_train_loader
@@ -42,12 +44,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-
-
-def save_backbone(model, cfg: Config, path: Path) -> None:
-    """Backbone weights with timm's key names, plus what is needed to rebuild the network."""
-    torch.save({"backbone": cfg.model.backbone, "in_chans": cfg.data.channels,
-                "state_dict": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}}, path)
 
 
 class Pretrainer:
@@ -88,8 +84,8 @@ class Pretrainer:
             self.step = state["step"]
             self.loader.load_state_dict(state["loader"])
             torch.set_rng_state(state["rng"])
-        elif self.dist.is_main:
-            save_backbone(self.model, cfg, self.output_dir / "backbone_init.pt")
+        else:
+            self.save_backbone(self.output_dir / "backbone_init.pt")
         self.metrics = MetricsWriter(self.output_dir, enabled=self.dist.is_main)
 
     def train(self) -> dict:
@@ -125,8 +121,7 @@ class Pretrainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == steps:
                 self.save_checkpoint()
         bar.close()
-        if self.dist.is_main:
-            save_backbone(self.model, self.cfg, self.output_dir / "backbone_final.pt")
+        self.save_backbone(self.output_dir / "backbone_final.pt")
         return {"steps": self.step, "output_dir": str(self.output_dir), "rank_divergence": self.rank_divergence()}
 
     def train_step(self, crops: list[torch.Tensor]) -> torch.Tensor:
@@ -138,8 +133,32 @@ class Pretrainer:
             loss = self.engine(crops)
         self.engine.backward(loss)
         self.engine.step()
-        self.model.head.normalize_prototypes()
+        self.normalize_prototypes()
         return loss
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """Unit-norm prototype rows after each step, in the module and in ZeRO's fp32 master copy alike.
+
+        Under ZeRO >= 1 the optimizer updates a separate fp32 copy and writes it back to the module, so an
+        in-place change of the module's tensor alone would be lost at the next step.
+        """
+        prototypes = self.model.head.prototypes
+        stage = self.cfg.train.zero_stage
+        with deepspeed.zero.GatheredParameters([prototypes], modifier_rank=0, enabled=stage == 3):
+            value = F.normalize(prototypes.detach().float(), dim=1)
+            prototypes.copy_(value)
+        if stage > 0:
+            safe_set_full_fp32_param(prototypes, value)
+
+    def save_backbone(self, path: Path) -> None:
+        """Backbone weights with timm's key names, plus what is needed to rebuild the network (rank 0 writes)."""
+        params = list(self.model.backbone.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.train.zero_stage == 3):
+            if self.dist.is_main:
+                state = {k: v.detach().cpu().clone() for k, v in self.model.backbone.state_dict().items()}
+                torch.save({"backbone": self.cfg.model.backbone, "in_chans": self.cfg.data.channels,
+                            "state_dict": state}, path)
 
     def rank_divergence(self) -> float | None:
         """Largest parameter difference between any rank and rank 0: data parallelism must keep it 0."""

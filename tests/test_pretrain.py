@@ -126,3 +126,23 @@ def test_two_ranks_through_deepspeed_launcher_stay_in_sync(shards, tmp_path):
     assert result["steps"] == 4 and result["rank_divergence"] == 0.0
     checkpoint = tmp_path / "ddp" / "checkpoints" / "step_00000004"
     assert sorted(p.name for p in checkpoint.glob("trainer_rank*.pt")) == ["trainer_rank00000.pt", "trainer_rank00001.pt"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_keep_prototypes_unit_norm_and_match_stage_0(shards, tmp_path, stage):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from engine.pretrain import Pretrainer
+
+    common = ("optim.name=sgd", "train.steps=4", "model.channels_last=false")
+    pretrain(tiny_config(shards, tmp_path / "stage0", *common))
+    trainer = Pretrainer(tiny_config(shards, tmp_path / f"stage{stage}", *common, f"train.zero_stage={stage}"))
+    try:
+        trainer.train()
+        master = safe_get_full_fp32_param(trainer.model.head.prototypes)  # ZeRO's fp32 copy, gathered
+    finally:
+        trainer.close()
+    torch.testing.assert_close(master.norm(dim=1), torch.ones(20))
+    reference, sharded = final_weights(tmp_path / "stage0"), final_weights(tmp_path / f"stage{stage}")
+    for name in reference:
+        torch.testing.assert_close(sharded[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
