@@ -13,5 +13,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+bench-kernels: setup
+	$(PY) benchmarks/swav_head.py
+
 clean:
 	rm -rf runs .pytest_cache

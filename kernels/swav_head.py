@@ -1,12 +1,16 @@
 """SwAV's swapped-prediction loss: every crop predicts the Sinkhorn codes of the assigned crops."""
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from ._backend import resolve_backend
-from .sinkhorn import sinkhorn_reference
+from ._triton import INTERPRET, MAX_TILE, NEG, dot_precision, num_warps, pow2
+from .sinkhorn import _row_stats, sinkhorn_potentials, sinkhorn_reference
 
 
 def _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations):
@@ -97,9 +101,14 @@ def swav_loss(
     the local batch means that data-parallel gradient averaging gives the global-batch gradient.
 
     group: process group over which Sinkhorn balances the codes (see `sinkhorn`; None = no communication).
-    backend: "torch", "triton", or "auto" ("triton" for CUDA tensors, "torch" otherwise).
+    backend: "torch" (the reference), "triton" (fused kernels: float16/bfloat16/float32 inputs, fp32 compute; CUDA
+    tensors, or CPU tensors in Triton's interpreter), or "auto" ("triton" for CUDA tensors unless an input is
+    float64, "torch" otherwise).
     """
-    resolve_backend(backend, embeddings, prototypes, op="swav_loss")
+    if resolve_backend(backend, embeddings, prototypes, op="swav_loss") == "triton":
+        _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations)
+        return _swav_loss_triton(embeddings, prototypes, n_crops, tuple(crops_for_assign), temperature, epsilon,
+                                 sinkhorn_iterations, group)
     return swav_loss_reference(
         embeddings,
         prototypes,
@@ -110,3 +119,285 @@ def swav_loss(
         sinkhorn_iterations=sinkhorn_iterations,
         group=group,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton: forward = scoring kernel, one Sinkhorn kernel per iteration (two with a process group), loss kernel, and
+# two small torch reductions (N × K/128 softmax partials, per-program loss partials); backward = 2 matmuls and one
+# small kernel. The only N × K buffer is S, overwritten in place by dL/dS.
+#
+# forward
+#   _swav_scores_kernel   S = normalize(E) @ Pᵀ (N × K fp32, tl.dot with fp32 accumulation; ‖e‖ accumulated in
+#                         the same D loop) plus, per row and block of K columns, the partial log-sum-exp of S/T:
+#                         the temperature-softmax statistics come out of the scoring pass (one torch.logsumexp
+#                         over N × K/128 partials merges them).
+#   sinkhorn_potentials   Sinkhorn of every assigned crop's rows of S at once (kernels/sinkhorn.py): one pass per
+#                         iteration, codes never materialized.
+#   _swav_loss_kernel     per tile of B samples × K columns: codes q_a of the assigned crops from S, log u and
+#                         the merged row statistics (kernels/sinkhorn.py); then for every crop v the cross-entropy
+#                         against Σ_{a≠v} q_a and its gradient
+#                         dL/dS_v = w·(n_v·softmax(S_v/T) − Σ_{a≠v} q_a)/T,
+#                         written over S in place (the one N × K buffer of the op, kept for backward).
+#                         n_v = number of assigned crops other than v (each q_a row sums to 1),
+#                         w = 1/(B·(n_crops−1)·n_assign).
+# backward
+#   dZ = dS @ P and dP = dSᵀ @ (Z·g) are cuBLAS matmuls (torch.mm in fp32 under torch's TF32 policy, like the
+#   reference's autograd): at SEER's per-GPU shape they are memory-bound reads of dS and P, at large N
+#   compute-bound GEMMs; a hand-written tl.dot would beat cuBLAS at neither. g = grad_output is folded into the
+#   N × D operand (no pass over N × K, no host sync).
+#   _l2norm_backward_kernel  dE = (g·dZ − Z (Z·g·dZ)) / ‖E‖ (F.normalize's backward), and Z·g for the dP
+#                            matmul.
+
+
+@triton.jit
+def _swav_scores_kernel(
+    s_ptr, stride_sn, lse_part_ptr, rinv_ptr,  # outputs
+    e_ptr, stride_en, stride_ed, p_ptr, stride_pk, stride_pd,  # inputs
+    N, K, D, NKB, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One BLOCK_N × BLOCK_K tile of S = (E @ Pᵀ) / ‖E‖, its rows' partial log Σ exp(S/T), and 1/‖E‖.
+
+    UPCAST: both operands go to fp32 before tl.dot (fp32 or mixed inputs, and always in the interpreter, where
+    bf16 is wrong); otherwise the 16-bit operands multiply exactly on tensor cores with fp32 accumulation.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    dd = tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    col_mask = cols < K
+    rows64 = rows.to(tl.int64)
+    e_ptrs = e_ptr + rows64[:, None] * stride_en + dd[None, :] * stride_ed
+    p_ptrs = p_ptr + cols.to(tl.int64)[None, :] * stride_pk + dd[:, None] * stride_pd
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_mask = (d0 + dd) < D
+        e = tl.load(e_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        pt = tl.load(p_ptrs, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+        e32 = e.to(tl.float32)
+        sumsq += tl.sum(e32 * e32, axis=1)
+        if UPCAST:
+            acc = tl.dot(e32, pt.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(e, pt, acc)
+        e_ptrs += BLOCK_D * stride_ed
+        p_ptrs += BLOCK_D * stride_pd
+    rinv = 1.0 / tl.maximum(tl.sqrt_rn(sumsq), 1e-12)  # F.normalize's eps
+    scores = acc * rinv[:, None]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(s_ptr + rows64[:, None] * stride_sn + cols[None, :], scores, mask=mask)
+    y = tl.where(mask, scores * inv_temp, NEG)
+    y_max = tl.max(y, axis=1)
+    lse = y_max + tl.log(tl.sum(tl.exp(y - y_max[:, None]), axis=1))
+    tl.store(lse_part_ptr + rows64 * NKB + pid_k, lse, mask=row_mask)
+    tl.store(rinv_ptr + rows, rinv, mask=row_mask & (pid_k == 0))
+
+
+@triton.jit
+def _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rpart_ptr, slot, B, K, NKB, inv_eps,
+                BLOCK_B: tl.constexpr, MERGE: tl.constexpr):
+    """Sinkhorn codes of assigned crop number `slot` on a tile of its scores s: softmax_k(S/eps + log u)."""
+    log_u = tl.load(log_u_ptr + slot * K + cols, mask=col_mask, other=0.0)
+    row_max, row_sum = _row_stats(rpart_ptr + slot * 2 * B * NKB, rows, row_mask, B, NKB, BLOCK_B, MERGE)
+    y = tl.where(mask, s * inv_eps + log_u[None, :] - row_max[:, None], NEG)
+    return tl.exp(y) / row_sum[:, None]
+
+
+@triton.jit
+def _swav_loss_kernel(
+    grad_ptr, loss_part_ptr,  # outputs (grad_ptr may be s_ptr: each program overwrites only tiles it has read)
+    s_ptr, stride_sn, lse_ptr, log_u_ptr, rpart_ptr, table_ptr,  # inputs
+    B, K, NKB, n_crops, n_assign, inv_eps, inv_temp, weight,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, MERGE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):
+    """Swapped cross-entropy (and dL/dS) on samples block program_id(0) × prototype block program_id(1), all crops.
+
+    table: int32 [first row of each assigned crop (n_assign) | assigned slot of each crop, -1 if none (n_crops)].
+    """
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < B
+    col_mask = cols < K
+    mask = row_mask[:, None] & col_mask[None, :]
+    # Sum of the codes of every assigned crop at these samples.
+    q_sum = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    for a in range(0, n_assign):
+        r64 = (tl.load(table_ptr + a) + rows).to(tl.int64)
+        s = tl.load(s_ptr + r64[:, None] * stride_sn + cols[None, :], mask=mask, other=0.0)
+        q_sum += _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rpart_ptr, a, B, K, NKB, inv_eps,
+                             BLOCK_B, MERGE)
+    # Every crop v predicts the codes of the assigned crops other than itself.
+    loss_rows = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for v in range(0, n_crops):
+        slot = tl.load(table_ptr + n_assign + v)
+        r = v * B + rows
+        r64 = r.to(tl.int64)
+        s = tl.load(s_ptr + r64[:, None] * stride_sn + cols[None, :], mask=mask, other=0.0)
+        log_p = s * inv_temp - tl.load(lse_ptr + r, mask=row_mask, other=0.0)[:, None]
+        target = q_sum
+        n_target = n_assign
+        if slot >= 0:  # v is assigned itself: it does not predict its own codes
+            target = q_sum - _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rpart_ptr, slot, B, K,
+                                         NKB, inv_eps, BLOCK_B, MERGE)
+            n_target = n_assign - 1
+        loss_rows += tl.sum(tl.where(mask, -target * log_p, 0.0), axis=1)
+        if WRITE_GRAD:
+            grad = (n_target * tl.exp(log_p) - target) * (weight * inv_temp)
+            tl.store(grad_ptr + r64[:, None] * stride_sn + cols[None, :], grad, mask=mask)
+    tl.store(loss_part_ptr + pid_b * tl.num_programs(1) + pid_k, tl.sum(loss_rows, axis=0) * weight)
+
+
+@triton.jit
+def _l2norm_backward_kernel(
+    de_ptr, stride_den, zg_ptr,  # outputs: dE (E's dtype, unit column stride), Z·g (fp32, contiguous N × D)
+    dz_ptr, e_ptr, stride_en, stride_ed, rinv_ptr, grad_out_ptr,  # inputs: dZ contiguous fp32, g a 1-element fp32
+    N, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_DE: tl.constexpr, WRITE_ZG: tl.constexpr,
+):
+    """Backward of z = e / max(‖e‖, 1e-12) for BLOCK_N rows: dE = (g·dz − z (z · g·dz)) / ‖e‖, and z·g."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    mask = row_mask[:, None] & (dd[None, :] < D)
+    rows64 = rows.to(tl.int64)[:, None]
+    e = tl.load(e_ptr + rows64 * stride_en + dd[None, :] * stride_ed, mask=mask, other=0.0).to(tl.float32)
+    rinv = tl.load(rinv_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(grad_out_ptr)
+    z = e * rinv[:, None]
+    if WRITE_ZG:
+        tl.store(zg_ptr + rows64 * D + dd[None, :], z * g, mask=mask)
+    if WRITE_DE:
+        dz = tl.load(dz_ptr + rows64 * D + dd[None, :], mask=mask, other=0.0) * g
+        # Below F.normalize's eps the denominator is the constant eps: no projection.
+        clamped = tl.sqrt_rn(tl.sum(e * e, axis=1)) < 1e-12
+        proj = tl.where(clamped, 0.0, tl.sum(z * dz, axis=1))
+        de = (dz - z * proj[:, None]) * rinv[:, None]
+        tl.store(de_ptr + rows64 * stride_den + dd[None, :], de.to(de_ptr.dtype.element_ty), mask=mask)
+
+
+def head_config(n: int, k: int, d: int, b: int, embeddings_dtype, prototypes_dtype) -> dict:
+    """Block sizes of the head's kernels (the one place they are chosen; arithmetic for H100/H200, not measured).
+
+    scores: 64 × 128 output tiles (fp32 accumulator: 32 registers per thread at 8 warps) over D in 32-element fp32
+    or 64-element 16-bit steps (24 KB of operands per pipeline stage); programs along N are adjacent in launch
+    order, so the row blocks of one P tile hit L2. loss: (16 or 32 samples) × 128 prototypes; at SEER's per-GPU
+    shape (B = 16, K = 16,000) that is 125 programs, about one wave of 132 SMs. norm backward: whole rows.
+    """
+    two_byte = embeddings_dtype == prototypes_dtype and embeddings_dtype in (torch.float16, torch.bfloat16)
+    scores = dict(BLOCK_N=pow2(n, 16, 64), BLOCK_K=pow2(k, 16, 128), BLOCK_D=pow2(d, 16, 64 if two_byte else 32),
+                  UPCAST=INTERPRET or not two_byte)
+    scores["num_warps"] = num_warps(scores["BLOCK_N"] * scores["BLOCK_K"])
+    loss = dict(BLOCK_B=pow2(b, 16, 32), BLOCK_K=pow2(k, 32, 128))
+    loss["num_warps"] = num_warps(loss["BLOCK_B"] * loss["BLOCK_K"])
+    block_d = triton.next_power_of_2(d)
+    norm = dict(BLOCK_N=pow2(MAX_TILE // block_d, 1, 64), BLOCK_D=block_d)
+    norm["num_warps"] = num_warps(norm["BLOCK_N"] * block_d)
+    return dict(scores=scores, loss=loss, norm=norm)
+
+
+@functools.lru_cache(maxsize=64)
+def _crop_table(device, n_crops, b, crops_for_assign):
+    """int32 [first row of each assigned crop | each crop's slot in crops_for_assign, -1 if none], on device.
+
+    Cached: building it is a copy from pageable host memory, which would wait for the GPU stream to drain.
+    """
+    slots = [crops_for_assign.index(c) if c in crops_for_assign else -1 for c in range(n_crops)]
+    return torch.tensor([a * b for a in crops_for_assign] + slots, dtype=torch.int32, device=device)
+
+
+@torch.compiler.disable
+def swav_loss_forward(embeddings, prototypes, *, n_crops, crops_for_assign, temperature, epsilon, iterations,
+                      group, need_grad):
+    """Loss (0-d fp32) and, if need_grad, (dL/dS: N × K fp32, 1/‖E‖: N fp32) for swav_loss_backward."""
+    n, d = embeddings.shape
+    k = prototypes.shape[0]
+    b = n // n_crops
+    n_assign = len(crops_for_assign)
+    dev = embeddings.device
+    cfg = head_config(n, k, d, b, embeddings.dtype, prototypes.dtype)
+
+    sc = cfg["scores"]
+    nkb_scores = triton.cdiv(k, sc["BLOCK_K"])
+    scores = torch.empty(n, k, device=dev, dtype=torch.float32)
+    lse_part = torch.empty(n, nkb_scores, device=dev, dtype=torch.float32)
+    rinv = torch.empty(n, device=dev, dtype=torch.float32)
+    _swav_scores_kernel[(triton.cdiv(n, sc["BLOCK_N"]), nkb_scores)](
+        scores, scores.stride(0), lse_part, rinv,
+        embeddings, embeddings.stride(0), embeddings.stride(1), prototypes, prototypes.stride(0), prototypes.stride(1),
+        n, k, d, nkb_scores, 1.0 / temperature,
+        BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], BLOCK_D=sc["BLOCK_D"], UPCAST=sc["UPCAST"],
+        DOT_PRECISION=dot_precision(), num_warps=sc["num_warps"],
+    )
+    lse = torch.logsumexp(lse_part, dim=1)  # log Σ_k exp(S/T) per row, from the scoring pass's partials
+
+    table = _crop_table(dev, n_crops, b, crops_for_assign)
+    log_u, rpart, sk = sinkhorn_potentials(scores, table[:n_assign], b, epsilon=epsilon, iterations=iterations,
+                                           group=group)
+
+    lc = cfg["loss"]
+    grid = (triton.cdiv(b, lc["BLOCK_B"]), triton.cdiv(k, lc["BLOCK_K"]))
+    loss_part = torch.empty(grid[0] * grid[1], device=dev, dtype=torch.float32)
+    _swav_loss_kernel[grid](
+        scores, loss_part, scores, scores.stride(0), lse, log_u, rpart, table,
+        b, k, sk["nkb"], n_crops, n_assign, 1.0 / epsilon, 1.0 / temperature, 1.0 / (b * (n_crops - 1) * n_assign),
+        BLOCK_B=lc["BLOCK_B"], BLOCK_K=lc["BLOCK_K"], MERGE=sk["MERGE"], WRITE_GRAD=need_grad,
+        num_warps=lc["num_warps"],
+    )
+    loss = loss_part.sum()
+    return (loss, scores, rinv) if need_grad else (loss, None, None)
+
+
+@torch.compiler.disable
+def swav_loss_backward(grad_loss, grad_scores, embeddings, prototypes, rinv, need_embeddings, need_prototypes):
+    """(dL/dE in E's dtype or None, dL/dP in P's dtype or None) from dL/dS of the forward and grad_output."""
+    n, d = embeddings.shape
+    nc = head_config(n, prototypes.shape[0], d, 1, embeddings.dtype, prototypes.dtype)["norm"]
+    g = grad_loss.detach().to(torch.float32).reshape(1)
+    dz = torch.mm(grad_scores, prototypes.to(torch.float32)) if need_embeddings else None
+    de = torch.empty(n, d, device=embeddings.device, dtype=embeddings.dtype) if need_embeddings else None
+    zg = torch.empty(n, d, device=embeddings.device, dtype=torch.float32) if need_prototypes else None
+    de_arg = de if need_embeddings else rinv
+    _l2norm_backward_kernel[(triton.cdiv(n, nc["BLOCK_N"]),)](
+        de_arg, de_arg.stride(0), zg if need_prototypes else rinv,
+        dz if need_embeddings else rinv, embeddings, embeddings.stride(0), embeddings.stride(1), rinv, g,
+        n, d, BLOCK_N=nc["BLOCK_N"], BLOCK_D=nc["BLOCK_D"], WRITE_DE=need_embeddings, WRITE_ZG=need_prototypes,
+        num_warps=nc["num_warps"],
+    )
+    dp = torch.mm(grad_scores.t(), zg).to(prototypes.dtype) if need_prototypes else None
+    return de, dp
+
+
+class SwAVLossFunction(torch.autograd.Function):
+    """Triton SwAV loss: forward computes the loss and dL/dS; backward chains dL/dS into E and P."""
+
+    @staticmethod
+    def forward(ctx, embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, iterations, group):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(embeddings.device.type, enabled=False):  # the kernels choose their own precision
+            loss, grad_scores, rinv = swav_loss_forward(
+                embeddings, prototypes, n_crops=n_crops, crops_for_assign=crops_for_assign, temperature=temperature,
+                epsilon=epsilon, iterations=iterations, group=group, need_grad=need_grad,
+            )
+        if need_grad:
+            ctx.save_for_backward(embeddings, prototypes, grad_scores, rinv)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        embeddings, prototypes, grad_scores, rinv = ctx.saved_tensors
+        with torch.autocast(embeddings.device.type, enabled=False):  # fp32 matmuls, whatever the caller's autocast
+            de, dp = swav_loss_backward(grad_loss, grad_scores, embeddings, prototypes, rinv,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return de, dp, None, None, None, None, None, None
+
+
+@torch.compiler.disable  # torch.compile of a caller runs this eagerly (a graph break), kernels and all
+def _swav_loss_triton(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, iterations, group):
+    return SwAVLossFunction.apply(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon,
+                                  iterations, group)

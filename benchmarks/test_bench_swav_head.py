@@ -1,0 +1,51 @@
+"""pytest-benchmark view of benchmarks/swav_head.py (same setups, same providers).
+
+    pytest benchmarks/test_bench_swav_head.py --benchmark-only                  # SEER's per-GPU shape
+    SWAV_BENCH_SHAPES=seer,large pytest benchmarks/test_bench_swav_head.py --benchmark-only
+
+Not part of `make test` (pytest.ini's testpaths is tests/). On a machine without a GPU the "triton" cases are
+skipped (the kernels would only run in Triton's CPU interpreter) and the reference runs on CPU: those timings are
+CPU timings. GPU calls are synchronized inside the timed function. For GB/s, % of HBM peak and the JSON record, run
+the script (`python benchmarks/swav_head.py`).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import swav_head as bench  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+SHAPES = os.environ.get("SWAV_BENCH_SHAPES", "seer").split(",")
+
+
+@pytest.mark.parametrize("provider", bench.PROVIDERS)
+@pytest.mark.parametrize("name", [f"{op}/{mode}" for op, mode in bench.BENCHMARKS])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swav_head(benchmark, shape, name, provider):
+    if provider == "triton" and not ON_GPU:
+        pytest.skip("no GPU: the Triton kernels only run in Triton's CPU interpreter here, which is no benchmark")
+    if not ON_GPU:
+        torch.set_num_threads(1)  # stable CPU numbers
+    op, mode = name.split("/")
+    torch._dynamo.reset()
+    fn, grads = bench.setup(op, mode, provider, shape, torch.float32, DEVICE)
+
+    def run():
+        for t in grads:
+            t.grad = None
+        out = fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+        return out
+
+    run()  # warm-up: Triton's JIT compile, torch.compile
+    benchmark.group = f"{shape} {name}"
+    benchmark.extra_info.update(device=("GPU: " + torch.cuda.get_device_name()) if ON_GPU else "CPU",
+                                bytes_model=bench.bytes_model(op, mode, shape, torch.float32))
+    benchmark.pedantic(run, rounds=50 if ON_GPU else 5, warmup_rounds=2 if ON_GPU else 1)

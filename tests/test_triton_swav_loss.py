@@ -1,0 +1,231 @@
+"""kernels.swav_loss, backend="triton" (Triton's interpreter; conftest sets TRITON_INTERPRET=1): loss and gradients
+against the reference and an independent fp64 computation, fp32/bf16 inputs, ε ∈ {0.01, 0.03, 0.05}, 3 and 10
+Sinkhorn iterations, 2 and 3 assigned crops; scaled backward, partial gradients, torch.compile, the engine's head.
+
+Default shape: 6 crops × 7 samples = 42 embeddings (SEER's 2 + 4 crops), D = 24, K = 300: none a multiple of the
+block sizes (64-row × 128-column score tiles, 32-wide D steps, 16-sample loss tiles, 32-column Sinkhorn blocks).
+"""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import swav_loss
+from test_triton_sinkhorn import assert_close, plain_swav_sinkhorn
+
+head = importlib.import_module("kernels.swav_head")
+
+N_CROPS, B, D, K = 6, 7, 24, 300
+
+
+def make_inputs(n_crops=N_CROPS, b=B, d=D, k=K, seed=0, dtype=torch.float32):
+    """Unnormalized embeddings (crop-major) and unit-norm prototypes, as SwAV feeds them."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = 3 * torch.randn(n_crops * b, d, generator=g, dtype=torch.float64)
+    prototypes = F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
+    return embeddings.to(dtype).requires_grad_(), prototypes.to(dtype).requires_grad_()
+
+
+def fp64_swav_loss(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, iterations):
+    """The SwAV loss written out crop by crop in fp64 with SwAV's plain Sinkhorn (independent of kernels)."""
+    z = embeddings.double() / embeddings.double().norm(dim=1, keepdim=True)
+    b = len(z) // n_crops
+    crop_scores = [z[c * b:(c + 1) * b] @ prototypes.double().T for c in range(n_crops)]
+    total = 0.0
+    for a in crops_for_assign:
+        q = plain_swav_sinkhorn(crop_scores[a].detach(), epsilon, iterations)
+        crop_loss = 0.0
+        for v in range(n_crops):
+            if v != a:
+                crop_loss -= (q * torch.log_softmax(crop_scores[v] / temperature, dim=1)).sum(dim=1).mean()
+        total += crop_loss / (n_crops - 1)
+    return total / len(crops_for_assign)
+
+
+def loss_and_grads(embeddings, prototypes, backend, **kwargs):
+    loss = swav_loss(embeddings, prototypes, backend=backend, **kwargs)
+    return (loss, *torch.autograd.grad(loss, (embeddings, prototypes)))
+
+
+# (loss rtol, gradient atol, gradient rtol) per input dtype, against both the reference and fp64. Seen over CASES:
+# fp32: loss ≤ 1.3e-7 relative, gradients ≤ 6.3e-8 absolute (largest entries: ~3e-3 for E, ~5e-2 for P).
+# bf16: both backends see the same rounded inputs and compute in fp32, so the loss agrees as in fp32 (≤ 1.3e-7);
+# gradients come back in bf16 (one ulp = 0.4-0.8%): beyond atol, ≤ 5.2e-3 relative (one ulp apart).
+TOLERANCES = {torch.float32: (1e-6, 1e-7, 1e-4), torch.bfloat16: (1e-6, 1e-5, 1.6e-2)}
+CASES = [  # dtype, epsilon, iterations, crops_for_assign
+    pytest.param(torch.float32, 0.05, 3, (0, 1), id="fp32-eps0.05-it3-assign01"),
+    pytest.param(torch.float32, 0.03, 10, (0, 1), id="fp32-eps0.03-it10-assign01"),
+    pytest.param(torch.float32, 0.01, 10, (0, 1), id="fp32-eps0.01-it10-assign01"),
+    pytest.param(torch.float32, 0.01, 3, (0, 2, 4), id="fp32-eps0.01-it3-assign024"),
+    pytest.param(torch.float32, 0.03, 3, (0, 1, 2), id="fp32-eps0.03-it3-assign012"),
+    pytest.param(torch.float32, 0.05, 10, (1, 3, 5), id="fp32-eps0.05-it10-assign135"),
+    pytest.param(torch.bfloat16, 0.05, 3, (0, 1), id="bf16-eps0.05-it3-assign01"),
+    pytest.param(torch.bfloat16, 0.03, 10, (0, 1), id="bf16-eps0.03-it10-assign01"),
+    pytest.param(torch.bfloat16, 0.01, 3, (0, 2, 4), id="bf16-eps0.01-it3-assign024"),
+]
+
+
+@pytest.mark.parametrize("dtype,epsilon,iterations,crops_for_assign", CASES)
+def test_matches_reference_and_fp64(dtype, epsilon, iterations, crops_for_assign):
+    kwargs = dict(n_crops=N_CROPS, crops_for_assign=crops_for_assign, temperature=0.1, epsilon=epsilon,
+                  sinkhorn_iterations=iterations)
+    embeddings, prototypes = make_inputs(seed=iterations + len(crops_for_assign), dtype=dtype)
+    loss, grad_e, grad_p = loss_and_grads(embeddings, prototypes, "triton", **kwargs)
+    assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert grad_e.dtype == dtype and grad_p.dtype == dtype
+    assert torch.isfinite(grad_e).all() and torch.isfinite(grad_p).all()
+
+    ref = loss_and_grads(embeddings, prototypes, "torch", **kwargs)
+    e64, p64 = (t.detach().double().requires_grad_() for t in (embeddings, prototypes))
+    loss64 = fp64_swav_loss(e64, p64, N_CROPS, crops_for_assign, 0.1, epsilon, iterations)
+    fp64 = (loss64, *torch.autograd.grad(loss64, (e64, p64)))
+
+    loss_rtol, grad_atol, grad_rtol = TOLERANCES[dtype]
+    for what, want in (("reference", ref), ("fp64", fp64)):
+        assert_close(loss, want[0], atol=0, rtol=loss_rtol, name=f"loss vs {what}")
+        assert_close(grad_e, want[1], atol=grad_atol, rtol=grad_rtol, name=f"embeddings grad vs {what}")
+        assert_close(grad_p, want[2], atol=grad_atol, rtol=grad_rtol, name=f"prototypes grad vs {what}")
+
+
+@pytest.mark.parametrize("crops_for_assign", [(0,), (0, 1)])
+def test_looped_paths(crops_for_assign):
+    """2 crops × 37 samples, D = 40: two 32-sample loss tiles, two score row blocks, two D steps."""
+    embeddings, prototypes = make_inputs(n_crops=2, b=37, d=40, seed=5)
+    cfg = head.head_config(74, K, 40, 37, torch.float32, torch.float32)
+    assert 37 > cfg["loss"]["BLOCK_B"] and 74 > cfg["scores"]["BLOCK_N"] and 40 > cfg["scores"]["BLOCK_D"], cfg
+    kwargs = dict(n_crops=2, crops_for_assign=crops_for_assign, epsilon=0.03, sinkhorn_iterations=3)
+    got, want = loss_and_grads(embeddings, prototypes, "triton", **kwargs), loss_and_grads(embeddings, prototypes,
+                                                                                           "torch", **kwargs)
+    for name, g, w, atol in zip(("loss", "embeddings grad", "prototypes grad"), got, want, (0, 1e-7, 1e-7)):
+        assert_close(g, w, atol=atol, rtol=1e-4 if atol else 1e-6, name=name)
+
+
+def test_scaled_loss_and_partial_gradients():
+    kwargs = dict(n_crops=N_CROPS, crops_for_assign=(0, 1), epsilon=0.05, sinkhorn_iterations=3)
+    embeddings, prototypes = make_inputs(seed=11)
+    # A loss scaled before backward (grad_output != 1), as under loss scaling or loss weights.
+    for backend in ("triton", "torch"):
+        (-2.5 * swav_loss(embeddings, prototypes, backend=backend, **kwargs)).backward()
+    # .grad holds triton + torch: equal halves.
+    want_e, want_p = (t.grad / 2 for t in (embeddings, prototypes))
+    _, grad_e, grad_p = loss_and_grads(embeddings, prototypes, "torch", **kwargs)
+    assert_close(want_e, -2.5 * grad_e, atol=1e-7, rtol=1e-4, name="scaled embeddings grad")
+    assert_close(want_p, -2.5 * grad_p, atol=1e-7, rtol=1e-4, name="scaled prototypes grad")
+    # Only one input needing a gradient (e.g. frozen prototypes, SwAV's first iterations).
+    frozen = prototypes.detach()
+    loss = swav_loss(embeddings, frozen, backend="triton", **kwargs)
+    (only_e,) = torch.autograd.grad(loss, embeddings)
+    assert_close(only_e, grad_e, atol=1e-7, rtol=1e-4, name="embeddings grad, frozen prototypes")
+    loss = swav_loss(embeddings.detach(), prototypes, backend="triton", **kwargs)
+    (only_p,) = torch.autograd.grad(loss, prototypes)
+    assert_close(only_p, grad_p, atol=1e-7, rtol=1e-4, name="prototypes grad, constant embeddings")
+    with torch.no_grad():  # no gradient written at all
+        assert_close(swav_loss(embeddings, prototypes, backend="triton", **kwargs),
+                     swav_loss(embeddings, prototypes, backend="torch", **kwargs), atol=0, rtol=1e-6, name="loss")
+
+
+def test_fp16_noncontiguous():
+    embeddings, prototypes = make_inputs(seed=3, dtype=torch.float16)
+    embeddings = embeddings.detach().T.contiguous().T.requires_grad_()  # column-major views
+    prototypes = prototypes.detach().T.contiguous().T.requires_grad_()
+    assert not embeddings.is_contiguous() and not prototypes.is_contiguous()
+    kwargs = dict(n_crops=N_CROPS, crops_for_assign=(0, 1), epsilon=0.03, sinkhorn_iterations=3)
+    got = loss_and_grads(embeddings, prototypes, "triton", **kwargs)
+    want = loss_and_grads(embeddings, prototypes, "torch", **kwargs)
+    assert got[1].dtype == torch.float16 and got[2].dtype == torch.float16
+    assert_close(got[0], want[0], atol=0, rtol=1e-6, name="loss")
+    assert_close(got[1], want[1], atol=1e-7, rtol=2e-3, name="embeddings grad")  # fp16: one ulp = 0.05-0.1%
+    assert_close(got[2], want[2], atol=1e-7, rtol=2e-3, name="prototypes grad")
+
+
+def test_zero_embedding_row():
+    """F.normalize's eps branch: a zero row scores 0 everywhere and gets gradient dZ / 1e-12 (no projection)."""
+    embeddings, prototypes = make_inputs(seed=4)
+    with torch.no_grad():
+        embeddings[3] = 0.0
+    kwargs = dict(n_crops=N_CROPS, crops_for_assign=(0, 1), epsilon=0.05, sinkhorn_iterations=3)
+    got = loss_and_grads(embeddings, prototypes, "triton", **kwargs)
+    want = loss_and_grads(embeddings, prototypes, "torch", **kwargs)
+    assert want[1][3].abs().max() > 1e6
+    for name, g, w in zip(("loss", "embeddings grad", "prototypes grad"), got, want):
+        assert_close(g, w, atol=1e-7, rtol=1e-4, name=name)
+
+
+def test_caller_autocast_changes_nothing():
+    """Under a caller's bf16 autocast the kernels and the backward matmuls keep their own (fp32) precision."""
+    embeddings, prototypes = make_inputs(n_crops=2, b=5, seed=6)
+    kwargs = dict(n_crops=2, backend="triton", epsilon=0.05, sinkhorn_iterations=3)
+    want = loss_and_grads(embeddings, prototypes, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = swav_loss(embeddings, prototypes, **kwargs)
+        got = (loss, *torch.autograd.grad(loss, (embeddings, prototypes)))
+    for name, g, w in zip(("loss", "embeddings grad", "prototypes grad"), got, want):
+        assert g.dtype == w.dtype, name
+        assert_close(g, w, atol=0, rtol=0, name=name)
+
+
+def test_uniform_prediction_gives_ln_k():
+    embeddings, _ = make_inputs(n_crops=4, b=6, k=K)
+    prototypes = torch.zeros(K, D, requires_grad=True)  # every prediction uniform, whatever the codes
+    loss = swav_loss(embeddings, prototypes, n_crops=4, backend="triton")
+    assert_close(loss, torch.tensor(math.log(K)), atol=1e-6, rtol=0, name="loss")
+
+
+def test_torch_compile_of_caller():
+    """A compiled function calling the Triton path: the kernels run eagerly (a graph break), values unchanged."""
+    embeddings, prototypes = make_inputs(n_crops=2, b=5, seed=2)
+    weight = torch.eye(D, requires_grad=True)
+
+    def step(x, w, p):
+        return 2.0 * swav_loss(torch.tanh(x @ w), p, n_crops=2, backend="triton", epsilon=0.05, sinkhorn_iterations=3)
+
+    got = step(embeddings, weight, prototypes)
+    got_grads = torch.autograd.grad(got, (embeddings, weight, prototypes))
+    compiled = torch.compile(step, backend="aot_eager")  # traces like inductor, without its C++ codegen (slow here)
+    loss = compiled(embeddings, weight, prototypes)
+    grads = torch.autograd.grad(loss, (embeddings, weight, prototypes))
+    assert_close(loss, got, atol=0, rtol=1e-6, name="loss")
+    for name, g, w in zip(("x", "w", "p"), grads, got_grads):
+        assert_close(g, w, atol=1e-7, rtol=1e-5, name=f"grad {name}")
+
+
+def test_engine_head_runs_triton():
+    """The engine's SwAV head with backend="triton" (what "auto" picks on CUDA) trains like the reference."""
+    from engine.models import SwAVHead
+
+    options = dict(crops_for_assign=(0, 1), temperature=0.1, epsilon=0.03, sinkhorn_iterations=3, group=None)
+    torch.manual_seed(0)
+    features = torch.randn(N_CROPS * B, 16)
+    grads = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(1)
+        module = SwAVHead(16, [32], D, K, batch_norm=False, swav_options=dict(options, backend=backend))
+        loss = module(features, n_crops=N_CROPS)
+        loss.backward()
+        grads[backend] = [loss.detach()] + [p.grad for p in module.parameters()]
+    for i, (g, w) in enumerate(zip(grads["triton"], grads["torch"])):
+        assert_close(g, w, atol=1e-7, rtol=1e-4, name=f"loss / parameter grad {i}")
+
+
+def test_benchmark_setups_agree(monkeypatch):
+    """benchmarks/swav_head.py's Triton setups (run on GPUs only) compute what its reference setups compute."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("swav_head")
+    monkeypatch.setitem(bench.SHAPES, "tiny", (N_CROPS, B, D, K))
+    monkeypatch.setitem(bench.SETTINGS, "sinkhorn_iterations", 3)
+    for op, mode in bench.BENCHMARKS:
+        results = {}
+        for provider in ("triton", "eager"):
+            fn, grads = bench.setup(op, mode, provider, "tiny", torch.float32, torch.device("cpu"))
+            out = fn()
+            results[provider] = [out[-1] if isinstance(out, tuple) else out] + [t.grad for t in grads]
+        for i, (got, want) in enumerate(zip(results["triton"], results["eager"])):
+            assert_close(got, want, atol=1e-7, rtol=1e-5, name=f"{op}/{mode} output {i}")
+        assert bench.bytes_model(op, mode, "tiny", torch.float32) > 0
+    check = bench.gpu_check("tiny", torch.float32, torch.device("cpu"))  # what the script checks first on a GPU
+    assert check["finite"] and check["loss_rel_diff"] < 1e-6, check
