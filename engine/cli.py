@@ -24,14 +24,17 @@ def _pretrain(args) -> None:
     print(json.dumps(pretrain(load_config(args.config, args.overrides), resume=args.resume)))
 
 
-def _eval_knn(args) -> None:
+def _eval(args) -> None:
     from engine.config import load_config
-    from engine.evaluate import knn_evaluate, load_backbone
+    from engine.evaluate import PROTOCOLS, evaluate, load_backbone
 
     cfg = load_config(args.config, args.overrides)
     backbone = None if args.weights == "pixels" else load_backbone(args.weights)
-    top1 = knn_evaluate(backbone, cfg, image_size=args.image_size)
-    print(json.dumps({"weights": args.weights, "knn_top1": top1, "k": cfg.eval.knn_k}))
+    protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
+    results = evaluate(backbone, cfg, protocols, image_size=args.image_size)
+    for name, value in results.items():
+        print(f"{name:<18} {value:.4f}", file=sys.stderr)
+    print(json.dumps({"weights": str(args.weights), **results}))
 
 
 def _demo(args) -> None:
@@ -61,13 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(pretrain)
     pretrain.set_defaults(run=_pretrain)
 
-    evaluate = commands.add_parser("eval", help="evaluate frozen features").add_subparsers(dest="eval_command", required=True)
-    knn = evaluate.add_parser("knn", help="weighted kNN top-1 on eval.train_shards -> eval.test_shards")
-    knn.add_argument("--weights", required=True, help="backbone file from pretraining (backbone_final.pt), or 'pixels'")
-    knn.add_argument("--config", help="YAML config for data and eval settings (default: the demo's)")
-    knn.add_argument("--image-size", type=int, default=None, help="override eval.image_size")
-    knn.add_argument("overrides", nargs="*", metavar="section.key=value")
-    knn.set_defaults(run=_eval_knn)
+    evaluate = commands.add_parser(
+        "eval", help="top-1 of frozen features on eval.train_shards -> eval.test_shards: knn, linear, lowshot or all")
+    evaluate.add_argument("protocol", choices=["knn", "linear", "lowshot", "all"])
+    evaluate.add_argument("--weights", required=True, help="backbone file from pretraining (backbone_final.pt), or 'pixels'")
+    evaluate.add_argument("--config", help="YAML config for data and eval settings (default: the demo's)")
+    evaluate.add_argument("--image-size", type=int, default=None, help="override eval.image_size")
+    evaluate.add_argument("overrides", nargs="*", metavar="section.key=value")
+    evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="Fashion-MNIST end to end: pack, pretrain, kNN vs random init and pixels")
     demo.add_argument("overrides", nargs="*", metavar="section.key=value")

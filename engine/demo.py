@@ -14,7 +14,7 @@ import torch
 
 from dataloading.pack import pack
 from engine.config import DEMO_CONFIG, load_config
-from engine.evaluate import knn_evaluate, load_backbone
+from engine.evaluate import evaluate, load_backbone
 from engine.metrics import plot_loss, read_metrics
 from engine.pretrain import pretrain
 
@@ -44,10 +44,13 @@ def run_demo(overrides: list[str] = ()) -> dict:
     pretrain(cfg)
     pretrain_seconds = time.perf_counter() - start
     out = Path(cfg.train.output_dir)
+    pretrained = evaluate(load_backbone(out / "backbone_final.pt"), cfg, ("knn", "linear", "lowshot"))
+    random_init = evaluate(load_backbone(out / "backbone_init.pt"), cfg, ("knn", "linear"))
+    pixels = evaluate(None, cfg, ("knn",), image_size=SOURCE_SIZE)
     accuracy = {
-        "knn_top1_pretrained": knn_evaluate(load_backbone(out / "backbone_final.pt"), cfg),
-        "knn_top1_random": knn_evaluate(load_backbone(out / "backbone_init.pt"), cfg),
-        "knn_top1_pixels": knn_evaluate(None, cfg, image_size=SOURCE_SIZE),
+        **{f"{name}_pretrained": value for name, value in pretrained.items()},
+        **{f"{name}_random": value for name, value in random_init.items()},
+        "knn_top1_pixels": pixels["knn_top1"],
     }
     wall_seconds = time.perf_counter() - start
 
@@ -75,8 +78,9 @@ def print_summary(results: dict, run_dir: Path) -> None:
     print(f"\nSwAV demo on Fashion-MNIST ({results['steps']} steps, {results['images_seen']:,} images, "
           f"{results['wall_seconds']:.0f} s pretrain + eval)")
     print(f"  SwAV loss        {results['first_loss']:.3f} -> {results['final_loss']:.3f}   (ln K = {results['ln_k']:.3f})")
-    print("  kNN top-1 (k=20) on the 10k test images:")
-    print(f"    pretrained backbone     {results['knn_top1_pretrained']:.2%}")
-    print(f"    same backbone at init   {results['knn_top1_random']:.2%}")
-    print(f"    raw pixels              {results['knn_top1_pixels']:.2%}")
+    print("  top-1 on the 10k test images     kNN (k=20)   linear    1% labels   10% labels")
+    print(f"    pretrained backbone           {results['knn_top1_pretrained']:8.2%}   {results['linear_top1_pretrained']:7.2%}"
+          f"   {results['lowshot1_top1_pretrained']:8.2%}   {results['lowshot10_top1_pretrained']:9.2%}")
+    print(f"    same backbone at init         {results['knn_top1_random']:8.2%}   {results['linear_top1_random']:7.2%}")
+    print(f"    raw pixels                    {results['knn_top1_pixels']:8.2%}")
     print(f"  results: {run_dir / 'results.json'}   loss curve: {run_dir / 'loss_curve.png'}")

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from dataloading.pipeline import build_eval_loader
 from engine.models import build_backbone
+from engine.probes import linear_probe, low_shot_probe
 
 
 def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
@@ -56,9 +57,9 @@ def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_feat
     return correct / len(test_labels)
 
 
-def knn_evaluate(backbone: nn.Module | None, cfg, device: torch.device | str = "cpu",
-                 image_size: int | None = None) -> float:
-    """kNN top-1 of `backbone` (None: raw pixels) with cfg.eval's shards, size and k; data settings from cfg.data."""
+def split_features(backbone: nn.Module | None, cfg, device: torch.device | str = "cpu",
+                   image_size: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Features and labels of cfg.eval's train and test shards, extracted once for every protocol."""
     device = torch.device(device)
     size = image_size or cfg.eval.image_size
     features = {}
@@ -68,4 +69,28 @@ def knn_evaluate(backbone: nn.Module | None, cfg, device: torch.device | str = "
                                    device=device.type,
                                    device_id=(device.index or 0) if device.type == "cuda" else None)
         features[split] = extract_features(backbone, loader, device, cfg.model.channels_last, desc=f"{split} features")
-    return knn_top1(*features["train"], *features["test"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    return features
+
+
+PROTOCOLS = ("knn", "linear", "lowshot")
+
+
+def evaluate(backbone: nn.Module | None, cfg, protocols=("knn",), device: torch.device | str = "cpu",
+             image_size: int | None = None) -> dict[str, float]:
+    """Top-1 of frozen features (None: raw pixels) under each protocol: weighted kNN (cfg.eval.knn_k), a linear
+    probe on all train labels, and low-shot linear probes on 1% and 10% of them (mean and std of 3 draws)."""
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown:
+        raise ValueError(f"unknown evaluation protocol {sorted(unknown)[0]!r}; choose from {', '.join(PROTOCOLS)}")
+    (train_x, train_y), (test_x, test_y) = split_features(backbone, cfg, device, image_size).values()
+    results = {}
+    if "knn" in protocols:
+        results["knn_top1"] = knn_top1(train_x, train_y, test_x, test_y, k=cfg.eval.knn_k,
+                                       temperature=cfg.eval.knn_temperature)
+    if "linear" in protocols:
+        results["linear_top1"] = linear_probe(train_x, train_y, test_x, test_y)["top1"]
+    if "lowshot" in protocols:
+        for percent in (1, 10):
+            shot = low_shot_probe(train_x, train_y, test_x, test_y, fraction=percent / 100)
+            results[f"lowshot{percent}_top1"], results[f"lowshot{percent}_std"] = shot["top1"], shot["std"]
+    return results

@@ -14,7 +14,7 @@ from dataloading.pack import pack
 from dataloading.sources import load_idx
 from engine.config import load_config
 from engine.distributed import free_port
-from engine.evaluate import knn_evaluate, load_backbone
+from engine.evaluate import evaluate, load_backbone
 from engine.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,8 +78,8 @@ def test_pretrain_checkpoint_and_knn(shards, tmp_path):
     init, final = load_backbone(tmp_path / "run" / "backbone_init.pt"), load_backbone(tmp_path / "run" / "backbone_final.pt")
     assert not torch.equal(init.stem.conv.weight, final.stem.conv.weight)
     for backbone in (final, None):
-        top1 = knn_evaluate(backbone, cfg)
-        assert 0.1 <= top1 <= 1.0  # 10 classes: a sane vote beats nothing-at-all on real images
+        results = evaluate(backbone, cfg, ("knn", "linear"))
+        assert 0.1 <= results["knn_top1"] <= 1.0 and 0.1 <= results["linear_top1"] <= 1.0  # 10 classes, 40 images
 
 
 def test_resume_equals_uninterrupted(shards, tmp_path):
