@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from kernels import sinkhorn, sinkhorn_reference
 from kernels._backend import resolve_backend
+from kernel_checks import plain_swav_sinkhorn
 
 
 def unit_scores(b, k, d=8, seed=0):
@@ -16,17 +17,6 @@ def unit_scores(b, k, d=8, seed=0):
     z = F.normalize(torch.randn(b, d, generator=g), dim=1)
     c = F.normalize(torch.randn(k, d, generator=g), dim=1)
     return z @ c.T
-
-
-def plain_swav_sinkhorn(scores, epsilon, iterations, dtype=torch.float64):
-    """SwAV's algorithm as published (exp, divide by total, rows to 1/K, columns to 1/B, × B)."""
-    q = torch.exp(scores.to(dtype) / epsilon).T
-    q /= q.sum()
-    k, b = q.shape
-    for _ in range(iterations):
-        q /= q.sum(dim=1, keepdim=True) * k
-        q /= q.sum(dim=0, keepdim=True) * b
-    return (q * b).T
 
 
 SHAPES = [(48, 20), (7, 30), (64, 16), (1, 5)]

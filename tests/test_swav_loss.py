@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import kernels.swav_head
 from kernels import sinkhorn, swav_loss, swav_loss_reference
+from kernel_checks import fp64_swav_loss
 
 
 def make_inputs(n_crops, b, d, k, seed=0, dtype=torch.float32):
@@ -17,33 +18,6 @@ def make_inputs(n_crops, b, d, k, seed=0, dtype=torch.float32):
     embeddings = 3 * torch.randn(n_crops * b, d, generator=g, dtype=torch.float64)
     prototypes = F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
     return embeddings.to(dtype).requires_grad_(), prototypes.to(dtype).requires_grad_()
-
-
-def plain_swav_sinkhorn(scores, epsilon, iterations):
-    """SwAV's published algorithm (exp, divide by total, rows to 1/K, columns to 1/B, × B) in fp64."""
-    q = torch.exp(scores.double() / epsilon).T
-    q /= q.sum()
-    k, b = q.shape
-    for _ in range(iterations):
-        q /= q.sum(dim=1, keepdim=True) * k
-        q /= q.sum(dim=0, keepdim=True) * b
-    return (q * b).T
-
-
-def fp64_swav_loss(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, iterations):
-    """The SwAV loss written out crop by crop in fp64 (independent of kernels)."""
-    z = embeddings.double() / embeddings.double().norm(dim=1, keepdim=True)
-    b = len(z) // n_crops
-    crop_scores = [z[c * b:(c + 1) * b] @ prototypes.double().T for c in range(n_crops)]
-    total = 0.0
-    for a in crops_for_assign:
-        q = plain_swav_sinkhorn(crop_scores[a].detach(), epsilon, iterations)
-        crop_loss = 0.0
-        for v in range(n_crops):
-            if v != a:
-                crop_loss -= (q * torch.log_softmax(crop_scores[v] / temperature, dim=1)).sum(dim=1).mean()
-        total += crop_loss / (n_crops - 1)
-    return total / len(crops_for_assign)
 
 
 CONFIGS = [  # n_crops, crops_for_assign, b

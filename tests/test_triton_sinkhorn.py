@@ -14,34 +14,11 @@ import torch.nn.functional as F
 
 from kernels import sinkhorn, sinkhorn_reference
 from kernels._backend import resolve_backend
+from kernel_checks import assert_close, plain_swav_sinkhorn
 
 sk = importlib.import_module("kernels.sinkhorn")  # the module (kernels.sinkhorn is also the function's name)
 
 B, K, D = 21, 300, 24
-
-
-def assert_close(got, want, *, atol, rtol, name):
-    """allclose on float64 copies that names the tensor, reports nan/inf mismatches and the first bad indices.
-
-    Returns the largest absolute error (for tests that print what they saw).
-    """
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    finite_mismatch = torch.isfinite(got) != torch.isfinite(want)
-    if finite_mismatch.any():
-        idx = finite_mismatch.nonzero()[:5].tolist()
-        raise AssertionError(f"{name}: nan/inf where the other is finite at {idx}: "
-                             f"got {[got[tuple(i)].item() for i in idx]}, want {[want[tuple(i)].item() for i in idx]}")
-    err = torch.where(torch.isfinite(want), (got - want).abs(), torch.zeros_like(got))
-    bad = err > atol + rtol * want.abs()
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        raise AssertionError(
-            f"{name}: {int(bad.sum())} of {bad.numel()} elements outside atol={atol:g}, rtol={rtol:g} "
-            f"(max abs error {err.max().item():.3g}); first at {idx}: got {[got[tuple(i)].item() for i in idx]}, "
-            f"want {[want[tuple(i)].item() for i in idx]}"
-        )
-    return err.max().item()
 
 
 def unit_scores(b, k, d=D, seed=0):
@@ -50,20 +27,6 @@ def unit_scores(b, k, d=D, seed=0):
     z = F.normalize(torch.randn(b, d, generator=g), dim=1)
     c = F.normalize(torch.randn(k, d, generator=g), dim=1)
     return z @ c.T
-
-
-def plain_swav_sinkhorn(scores, epsilon, iterations):
-    """SwAV's published algorithm (exp, divide by total, rows to 1/K, columns to 1/B, × B) in fp64.
-
-    Finite for unit-norm scores down to ε = 0.01 (exp(100) ≈ 3e43 fits fp64).
-    """
-    q = torch.exp(scores.double() / epsilon).T
-    q /= q.sum()
-    k, b = q.shape
-    for _ in range(iterations):
-        q /= q.sum(dim=1, keepdim=True) * k
-        q /= q.sum(dim=0, keepdim=True) * b
-    return (q * b).T
 
 
 # Tolerances (absolute, on codes in [0, 1]; here the largest code is ~0.12). fp32 compute in both the kernels and

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import swav_loss
-from test_triton_sinkhorn import assert_close, plain_swav_sinkhorn
+from kernel_checks import assert_close, fp64_swav_loss
 
 head = importlib.import_module("kernels.swav_head")
 
@@ -29,22 +29,6 @@ def make_inputs(n_crops=N_CROPS, b=B, d=D, k=K, seed=0, dtype=torch.float32):
     embeddings = 3 * torch.randn(n_crops * b, d, generator=g, dtype=torch.float64)
     prototypes = F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
     return embeddings.to(dtype).requires_grad_(), prototypes.to(dtype).requires_grad_()
-
-
-def fp64_swav_loss(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, iterations):
-    """The SwAV loss written out crop by crop in fp64 with SwAV's plain Sinkhorn (independent of kernels)."""
-    z = embeddings.double() / embeddings.double().norm(dim=1, keepdim=True)
-    b = len(z) // n_crops
-    crop_scores = [z[c * b:(c + 1) * b] @ prototypes.double().T for c in range(n_crops)]
-    total = 0.0
-    for a in crops_for_assign:
-        q = plain_swav_sinkhorn(crop_scores[a].detach(), epsilon, iterations)
-        crop_loss = 0.0
-        for v in range(n_crops):
-            if v != a:
-                crop_loss -= (q * torch.log_softmax(crop_scores[v] / temperature, dim=1)).sum(dim=1).mean()
-        total += crop_loss / (n_crops - 1)
-    return total / len(crops_for_assign)
 
 
 def loss_and_grads(embeddings, prototypes, backend, **kwargs):
