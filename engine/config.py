@@ -53,6 +53,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-6  # not applied to biases and normalisation parameters
     trust_coefficient: float = 0.001  # LARS eta
+    gradient_clipping: float = 0.0  # global gradient-norm clip, 0 = off (SwAV/SEER: off; DeepSpeed's own default is 1)
 
 
 @dataclass
@@ -194,7 +195,8 @@ def _check(cfg: Config) -> None:
     need(model.num_prototypes > 0 and model.embedding_dim > 0, "model.num_prototypes and model.embedding_dim must be > 0")
     need(optim.name in ("lars", "sgd"), f"optim.name must be lars or sgd, got {optim.name!r}")
     need(optim.lr > 0 and 0 <= optim.final_lr_fraction <= 1, "optim.lr must be > 0 and optim.final_lr_fraction in [0, 1]")
-    need(optim.warmup_steps >= 0 and optim.weight_decay >= 0, "optim.warmup_steps and optim.weight_decay must be >= 0")
+    need(optim.warmup_steps >= 0 and optim.weight_decay >= 0 and optim.gradient_clipping >= 0,
+         "optim.warmup_steps, optim.weight_decay and optim.gradient_clipping must be >= 0")
     need(train.steps > 0 and train.batch_size > 0, "train.steps and train.batch_size must be > 0")
     need(train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {train.precision!r}")
     need(train.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {train.zero_stage}")

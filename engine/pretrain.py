@@ -39,6 +39,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "train_batch_size": cfg.train.batch_size * world_size,
         "gradient_accumulation_steps": 1,
+        # Explicit: DeepSpeed clips the gradient norm at 1.0 unless told otherwise, which silently shrinks the
+        # plain-SGD steps of biases and norm parameters (LARS' trust ratio hides it for the weights).
+        "gradient_clipping": cfg.optim.gradient_clipping,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # our LARS/SGD is a client optimizer
         "steps_per_print": 10**9,  # we log ourselves

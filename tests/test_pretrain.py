@@ -146,3 +146,14 @@ def test_zero_stages_keep_prototypes_unit_norm_and_match_stage_0(shards, tmp_pat
     reference, sharded = final_weights(tmp_path / "stage0"), final_weights(tmp_path / f"stage{stage}")
     for name in reference:
         torch.testing.assert_close(sharded[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_deepspeed_does_not_clip_unless_asked(shards, tmp_path):
+    from engine.pretrain import Pretrainer
+
+    trainer = Pretrainer(tiny_config(shards, tmp_path / "noclip", "train.steps=1"))
+    assert trainer.engine.gradient_clipping() == 0.0  # DeepSpeed's own default would be 1.0
+    trainer.close()
+    clipped = Pretrainer(tiny_config(shards, tmp_path / "clip", "train.steps=1", "optim.gradient_clipping=0.5"))
+    assert clipped.engine.gradient_clipping() == 0.5
+    clipped.close()
