@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -114,18 +115,29 @@ def _factor(strength: float, on):
     return 1 + on * (fn.random.uniform(range=[max(0.0, 1 - strength), 1 + strength]) - 1)
 
 
+def _contrast_brightness(images, contrast, brightness):
+    """Float image: blend with its own mean by `contrast`, scale by `brightness`, saturate to [0, 255].
+
+    DALI's brightness_contrast pivots contrast on mid-gray (128) instead: on Fashion-MNIST that turns the black
+    background gray, a different augmentation from the torchvision ColorJitter the SwAV recipe was tuned with.
+    """
+    x = fn.cast(images, dtype=types.FLOAT)
+    if x.device == "gpu":  # per-sample CPU scalars join GPU arithmetic as GPU tensors
+        contrast, brightness = contrast.gpu(), brightness.gpu()
+    mean = fn.reductions.mean(x)
+    return dmath.clamp(((x - mean) * contrast + mean) * brightness, 0.0, 255.0)
+
+
 def _jitter_colors(images, aug: AugmentConfig, channels: int):
     """torchvision-style ColorJitter applied with prob color_jitter_p, then RandomGrayscale (3 channels only).
 
-    Differences from torchvision: fixed order (contrast, brightness, then hue/saturation) and contrast around
-    mid-gray (128) instead of the image mean, so that every parameter is a CPU-side per-sample scalar on GPU too.
+    Differences from torchvision: a fixed order (contrast, brightness, then hue/saturation), and the contrast pivot
+    is the mean over all pixels and channels (torchvision: the mean of the grayscale image; the same for 1 channel).
     """
     p = aug.color_jitter_p
     if p > 0 and (aug.brightness > 0 or aug.contrast > 0):
         jitter_on = _coin(p)
-        images = fn.brightness_contrast(
-            images, brightness=_factor(aug.brightness, jitter_on), contrast=_factor(aug.contrast, jitter_on)
-        )
+        images = _contrast_brightness(images, _factor(aug.contrast, jitter_on), _factor(aug.brightness, jitter_on))
     else:
         jitter_on = None
     if channels != 3:
