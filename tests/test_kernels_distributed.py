@@ -12,7 +12,6 @@ compare.
 import datetime
 import gc
 import os
-import socket
 from typing import NamedTuple
 
 import pytest
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from engine.distributed import free_port
 from kernel_checks import assert_close
 from kernels import sinkhorn, swav_loss
 
@@ -115,12 +115,6 @@ def _worker(rank, port, inputs_path, out_dir):
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
