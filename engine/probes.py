@@ -44,11 +44,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     The held-out part is class-balanced at random (fixed seed); the chosen model is refitted on all of train.
     """
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    generator = torch.Generator().manual_seed(seed)
     val_mask = torch.zeros(len(train_labels), dtype=torch.bool)
-    for c in range(num_classes):
-        members = (train_labels == c).nonzero().flatten()
-        chosen = members[torch.randperm(len(members), generator=generator)[: max(1, round(val_fraction * len(members)))]]
+    for chosen in _draw_per_class(train_labels, num_classes, lambda c, n: max(1, round(val_fraction * n)), seed):
         val_mask[chosen] = True
     fit_x, val_x = _standardize(train_features[~val_mask], train_features[val_mask])
     scores = {wd: accuracy(fit_logistic_regression(fit_x, train_labels[~val_mask], num_classes, wd), val_x,
@@ -59,19 +56,26 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return {"top1": accuracy(classifier, test_x, test_labels), "weight_decay": best, "val_top1": scores[best]}
 
 
+def _draw_per_class(labels: torch.Tensor, num_classes: int, count, seed: int):
+    """For each class in turn, `count(class, members)` of its sample indices drawn at random (one seeded stream)."""
+    generator = torch.Generator().manual_seed(seed)
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        yield members[torch.randperm(len(members), generator=generator)[: count(c, len(members))]]
+
+
 def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     """Indices of `fraction` of the samples, the same count from every class (at least 2 each)."""
     num_classes = int(labels.max()) + 1
     per_class = max(2, round(fraction * len(labels) / num_classes))
-    generator = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().flatten()
-        if len(members) < per_class:
-            raise ValueError(f"class {c} has {len(members)} samples, fewer than the {per_class} a "
+
+    def count(c: int, members: int) -> int:
+        if members < per_class:
+            raise ValueError(f"class {c} has {members} samples, fewer than the {per_class} a "
                              f"{fraction:.0%} low-shot split needs")
-        picks.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
-    return torch.cat(picks).sort().values
+        return per_class
+
+    return torch.cat(list(_draw_per_class(labels, num_classes, count, seed))).sort().values
 
 
 def low_shot_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
