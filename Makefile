@@ -2,10 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench-kernels clean
+.PHONY: setup photos demo test bench-kernels clean
 
 setup:
 	@bash scripts/setup.sh
+
+# Opt-in: the Debian wallpaper packages whose real photos `seer data tiles` uses (~170 MB; not needed by the tests).
+photos:
+	@bash scripts/setup.sh --photos
 
 demo: setup
 	$(VENV)/bin/seer demo

@@ -3,19 +3,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+OUTPUT_DTYPES = ("float32", "bfloat16")
+
 
 @dataclass
 class CropGroup:
-    """`count` random-resized crops of `size` px, each covering a `scale` fraction of the source image's area."""
+    """`count` random-resized crops of `size` px, each covering a `scale` fraction of the source image's area.
+
+    blur_p / solarize_p, when set, replace the augment section's probability for this group's crops (BYOL and DINO
+    blur and solarize their views differently; SwAV/SEER use one setting for all crops).
+    """
 
     size: int
     count: int
     scale: tuple[float, float]
+    blur_p: float | None = None
+    solarize_p: float | None = None
 
 
 @dataclass
 class AugmentConfig:
-    """Photometric and geometric augmentation applied independently to every crop (SwAV/SEER recipe)."""
+    """Photometric and geometric augmentation applied independently to every crop (SwAV/SEER recipe).
+
+    Order per crop: random-resized crop, colour jitter, grayscale, Gaussian blur, solarize, flip, normalize.
+    """
 
     flip_p: float = 0.5
     color_jitter_p: float = 0.8
@@ -24,6 +35,10 @@ class AugmentConfig:
     saturation: float = 0.8  # factor drawn from [1 - s, 1 + s]; ignored for 1-channel data
     hue: float = 0.2  # torchvision convention: fraction of the colour circle, so 0.2 = +-72 degrees
     grayscale_p: float = 0.2  # ignored for 1-channel data
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # px of the output crop, drawn uniformly; kernel 2*ceil(3 sigma)+1
+    solarize_p: float = 0.0  # SwAV/SEER do not solarize; BYOL/DINO: 0.2 on one view
+    solarize_threshold: float = 0.5  # [0, 1] units: values at or above are inverted (0.5 ~ Pillow's 128)
 
 
 @dataclass
@@ -38,3 +53,23 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_threads: int = 2  # DALI CPU worker threads per rank
     seed: int = 0
+    output_dtype: str = "float32"  # dtype of the crops handed to the model: float32 or bfloat16
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """ValueError naming the data.* key whose value the loaders cannot use."""
+    aug = cfg.augment
+    probabilities = {f"augment.{name}": getattr(aug, name)
+                     for name in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p", "solarize_p")}
+    for i, group in enumerate(cfg.crops):
+        probabilities.update({f"crops[{i}].blur_p": group.blur_p, f"crops[{i}].solarize_p": group.solarize_p})
+    for key, p in probabilities.items():
+        if p is not None and not 0 <= p <= 1:
+            raise ValueError(f"data.{key} is a probability and must be in [0, 1], got {p}")
+    low, high = aug.blur_sigma
+    if not 0 < low <= high:
+        raise ValueError(f"data.augment.blur_sigma must satisfy 0 < low <= high (px), got {tuple(aug.blur_sigma)}")
+    if not 0 <= aug.solarize_threshold <= 1:
+        raise ValueError(f"data.augment.solarize_threshold must be in [0, 1], got {aug.solarize_threshold}")
+    if cfg.output_dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"data.output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {cfg.output_dtype!r}")

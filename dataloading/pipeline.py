@@ -2,27 +2,39 @@
 
 The same graph runs on CPU (device="cpu": CPU decode and ops, CPU torch tensors) or on a GPU (device="cuda":
 "mixed" decode, GPU ops, CUDA tensors). Graphs are defined by `define_*_pipeline` without building or running
-them, so a GPU graph can be checked (`pipe.serialize()`) on a machine without one.
+them, so a GPU graph can be checked (`pipe.serialize()`, with guard=False) on a machine without one.
+
+Bad samples: DALI's decoder cannot skip a broken file. A truncated JPEG raises, non-image bytes or a garbled
+header can crash the process (seen: segfaults at batch 32). `pack` validates every image it writes, but shards from
+other tools are not validated; so the loaders check each sample's bytes before decoding (`jpeg_problem`, a walk over
+the segment headers) and replace a bad sample by a gray image, log its file name and count it (`bad_samples`).
 """
 from __future__ import annotations
 
+import functools
+import io
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from PIL import Image
 
-from dataloading.config import AugmentConfig, CropGroup, DataConfig
+from dataloading.config import AugmentConfig, CropGroup, DataConfig, check_data_config
 from dataloading.pack import KEY_DIGITS, MANIFEST
 
 READER = "reader"
 LABEL_WIDTH = 9  # .cls entries hold an ASCII class index; padded to fixed width so a batch is one dense tensor
 _KEY_SUFFIX = len(".jpg")
 ASPECT_RATIO = (3 / 4, 4 / 3)
+_log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------- shards
@@ -64,12 +76,12 @@ def _decode(jpegs, channels: int, device: str):
     )
 
 
-def _normalize(images, mean, std, mirror=None):
-    """Float CHW, (x - mean) / std with mean and std given in [0, 1] units."""
+def _normalize(images, mean, std, mirror=None, layout: str = "CHW"):
+    """Float (x - mean) / std in `layout` (CHW or HWC), with mean and std given in [0, 1] units."""
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
-        output_layout="CHW",
+        output_layout=layout,
         mean=[255 * m for m in mean],
         std=[255 * s for s in std],
         mirror=0 if mirror is None else mirror,
@@ -103,7 +115,197 @@ def _ascii_to_int(chars: torch.Tensor) -> torch.Tensor:
     return value
 
 
+# ------------------------------------------------------------------------------------------------------ guard
+# What the guard accepts: the JPEG processes DALI decodes (baseline, extended, progressive; 8-bit; gray, YCbCr/RGB,
+# CMYK). The checks mirror the conditions under which libjpeg-turbo (DALI's CPU JPEG decoder) stops with an error
+# instead of a warning. Anything else (lossless, hierarchical, arithmetic coding, 12-bit) is replaced too.
+_FRAME_MARKERS = {0xC0: False, 0xC1: False, 0xC2: True}  # SOF0 baseline, SOF1 extended, SOF2 progressive
+_MARKERS_WITHOUT_SEGMENT = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM and the restart markers
+# Inside entropy-coded data FF is followed by 00 (stuffing) or a restart marker; anything else is the next marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # where Pillow raises DecompressionBombError, as `pack` does
+# DALI 2.4's random_resized_crop segfaulted on valid JPEGs 41,000-50,000 px tall (64-640 px wide; 40,000 and 65,000
+# did not): longer sides are refused, far above any camera's (panoramas up to 32,768 px pass).
+MAX_SIDE = 32768
+_MAX_BLOCKS_PER_MCU = 10  # libjpeg's limit for a scan of several components
+
+
+def jpeg_problem(data) -> str | None:
+    """Why these encoded bytes must not reach DALI's decoder, or None when they form a complete, decodable JPEG.
+
+    Walks every marker segment from start to end-of-image and checks the frame, Huffman and quantization tables
+    and scan headers; the entropy-coded data between them is only searched for the next marker (a regex at C
+    speed): libjpeg-turbo decodes damage inside it to wrong pixels with a warning. Tens of microseconds per photo
+    (`seer bench data` reports it). Damaged JPEGs that it accepts go through DALI's decoder and the train graph
+    without an error (a test runs 64 at batch 32; ~3,000 while it was written).
+    """
+    view = bytes(memoryview(data))  # a copy (microseconds), but indexing bytes is several times faster
+    size = len(view)
+    if size < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        return "not a JPEG" if size else "empty"
+    frame, progressive, quant, huffman, scans = None, False, set(), set(), 0
+    pos = 2
+    while pos + 2 <= size:
+        marker = view[pos + 1]
+        if view[pos] != 0xFF:
+            return "corrupt header"
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return None if scans else "no image data"
+        if marker in _MARKERS_WITHOUT_SEGMENT:
+            pos += 2
+            continue
+        end = pos + 2 + (view[pos + 2] << 8 | view[pos + 3] if pos + 4 <= size else 0)
+        if end < pos + 4 or end > size:
+            return "truncated"
+        segment = view[pos + 4 : end]
+        if marker in _FRAME_MARKERS:
+            problem = "two frame headers" if frame is not None else _frame_problem(segment)
+            frame, progressive = _frame_components(segment), _FRAME_MARKERS[marker]
+        elif marker == 0xC4:
+            problem = _huffman_problem(segment, huffman)
+        elif marker == 0xDB:
+            problem = _quant_problem(segment, quant)
+        elif marker == 0xDD:  # restart interval
+            problem = None if len(segment) == 2 else "corrupt restart interval"
+        elif marker == 0xDA:  # start of scan: entropy-coded data follows up to the next marker
+            problem = _scan_problem(segment, frame, progressive, quant, huffman)
+            if problem is None:
+                following = _NEXT_MARKER.search(view, end)
+                if following is None:
+                    return "truncated (no end-of-image marker)"
+                end = following.start()
+                scans += 1
+        elif 0xE0 <= marker <= 0xEF or marker == 0xFE:  # application data, comments
+            problem = None
+        else:
+            problem = f"unsupported marker FF{marker:02X}"
+        if problem:
+            return problem
+        pos = end
+    return "truncated"
+
+
+def _frame_components(segment) -> dict[int, tuple[int, int, int]] | None:
+    """Component id -> (horizontal sampling, vertical sampling, quantization table) of a frame header."""
+    count = segment[5] if len(segment) >= 6 else 0
+    if len(segment) != 6 + 3 * count:
+        return None
+    fields = [segment[6 + 3 * i : 9 + 3 * i] for i in range(count)]
+    return {cid: (hv >> 4, hv & 15, table) for cid, hv, table in fields}
+
+
+def _frame_problem(segment) -> str | None:
+    components = _frame_components(segment)
+    if components is None or len(components) not in (1, 3, 4) or len(components) != segment[5]:
+        return "corrupt frame header"
+    if segment[0] != 8:
+        return f"{segment[0]}-bit samples (8 needed)"
+    height, width = segment[1] << 8 | segment[2], segment[3] << 8 | segment[4]
+    if height == 0 or width == 0:
+        return "no image size"
+    if max(height, width) > MAX_SIDE:
+        return f"a side longer than {MAX_SIDE} px"
+    if height * width > MAX_PIXELS:
+        return "too many pixels"
+    factors = list(components.values())
+    max_h, max_v = max(f[0] for f in factors), max(f[1] for f in factors)
+    if any(not (1 <= h <= 4 and 1 <= v <= 4) or max_h % h or max_v % v or table > 3 for h, v, table in factors):
+        return "unsupported chroma subsampling"
+    return None
+
+
+def _quant_problem(segment, defined: set) -> str | None:
+    pos = 0
+    while pos < len(segment):
+        precision, table = segment[pos] >> 4, segment[pos] & 15
+        pos += 1 + 64 * (precision + 1)
+        if precision > 1 or table > 3 or pos > len(segment):
+            return "corrupt quantization table"
+        defined.add(table)
+    return None
+
+
+def _huffman_problem(segment, defined: set) -> str | None:
+    pos = 0
+    while pos < len(segment):
+        if pos + 17 > len(segment):
+            return "corrupt Huffman table"
+        kind, table, counts = segment[pos] >> 4, segment[pos] & 15, segment[pos + 1 : pos + 17]
+        values = segment[pos + 17 : pos + 17 + sum(counts)]
+        if kind > 1 or table > 3 or len(values) != sum(counts) or (kind == 0 and max(values, default=0) > 15):
+            return "corrupt Huffman table"
+        code = 0  # canonical codes: at each length, the codes so far must fit without the all-ones code
+        for length, count in enumerate(counts[: max((i + 1 for i, c in enumerate(counts) if c), default=0)], 1):
+            code += count
+            if code >= 1 << length:
+                return "corrupt Huffman table"
+            code <<= 1
+        defined.add((kind, table))
+        pos += 17 + len(values)
+    return None
+
+
+def _scan_problem(segment, frame, progressive: bool, quant: set, huffman: set) -> str | None:
+    if frame is None:
+        return "scan before the frame header"
+    count = segment[0] if len(segment) else 0
+    if not 1 <= count <= 4 or len(segment) != 4 + 2 * count:
+        return "corrupt scan header"
+    ids, tables = segment[1 : 1 + 2 * count : 2], segment[2 : 2 + 2 * count : 2]
+    if len(set(ids)) != count or any(cid not in frame for cid in ids):
+        return "corrupt scan header"
+    if count > 1 and sum(frame[cid][0] * frame[cid][1] for cid in ids) > _MAX_BLOCKS_PER_MCU:
+        return "corrupt scan header"
+    start, stop, high, low = segment[-3], segment[-2], segment[-1] >> 4, segment[-1] & 15
+    if progressive and ((start == 0 and stop != 0) or (start > 0 and (stop < start or stop > 63 or count != 1))
+                        or (high and low != high - 1) or low > 13):
+        return "corrupt progressive scan"
+    if any(frame[cid][2] not in quant for cid in ids):
+        return "quantization table not defined"
+    needs_dc = not progressive or (start == 0 and high == 0)
+    needs_ac = not progressive or start > 0
+    for selectors in tables:
+        if (needs_dc and (0, selectors >> 4) not in huffman) or (needs_ac and (1, selectors & 15) not in huffman):
+            return "Huffman table not defined"
+    return None
+
+
+@functools.cache
+def _gray_jpeg() -> np.ndarray:
+    """The stand-in for a bad sample: mid-gray, so its crops carry no content (one of VISSL's two choices)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, "JPEG")
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+
+
+def _guard_batch(encoded: list[np.ndarray], sources: list[np.ndarray]) -> tuple[list, list]:
+    """DALI python_function: the batch with each bad sample replaced by the gray JPEG, and a 0/1 flag per sample."""
+    safe, replaced = [], []
+    for data, source in zip(encoded, sources):
+        problem = jpeg_problem(data)
+        if problem is not None:
+            _log.warning("replaced a bad sample by a gray image (%s): %s", problem, source.tobytes().decode())
+        safe.append(data if problem is None else _gray_jpeg())
+        replaced.append(np.array(problem is not None, dtype=np.uint8))
+    return safe, replaced
+
+
+def _guard(jpegs):
+    """(encoded images safe to decode, uint8 per sample: 1 where a bad sample was replaced).
+
+    A Python operator: it runs on the CPU side of CPU and GPU graphs alike, but DALI cannot serialize it.
+    """
+    sources = fn.get_property(jpegs, key="source_info")
+    return fn.python_function(jpegs, sources, function=_guard_batch, num_outputs=2, batch_processing=True)
+
+
 # ----------------------------------------------------------------------------------------------- augmentation
+IDENTITY_SIGMA = 1e-3  # px; its 3-tap kernel is exactly [0, 1, 0] (exp(-1 / (2 sigma^2)) underflows to 0)
+
+
 def _coin(p: float):
     """Per-sample 1.0 with probability p, else 0.0: parameters become `neutral + coin * (random - neutral)`,
     which applies an op to some samples only without blending images."""
@@ -115,6 +317,11 @@ def _factor(strength: float, on):
     return 1 + on * (fn.random.uniform(range=[max(0.0, 1 - strength), 1 + strength]) - 1)
 
 
+def _on_device_of(images, *scalars):
+    """Per-sample CPU scalars join GPU arithmetic as GPU tensors."""
+    return [s.gpu() for s in scalars] if images.device == "gpu" else list(scalars)
+
+
 def _contrast_brightness(images, contrast, brightness):
     """Float image: blend with its own mean by `contrast`, scale by `brightness`, saturate to [0, 255].
 
@@ -122,8 +329,7 @@ def _contrast_brightness(images, contrast, brightness):
     background gray, a different augmentation from the torchvision ColorJitter the SwAV recipe was tuned with.
     """
     x = fn.cast(images, dtype=types.FLOAT)
-    if x.device == "gpu":  # per-sample CPU scalars join GPU arithmetic as GPU tensors
-        contrast, brightness = contrast.gpu(), brightness.gpu()
+    contrast, brightness = _on_device_of(x, contrast, brightness)
     mean = fn.reductions.mean(x)
     return dmath.clamp(((x - mean) * contrast + mean) * brightness, 0.0, 255.0)
 
@@ -157,13 +363,37 @@ def _jitter_colors(images, aug: AugmentConfig, channels: int):
     return fn.hsv(images, hue=0.0 if hue is None else hue, saturation=1.0 if saturation is None else saturation)
 
 
-def _crop(image, group: CropGroup, cfg: DataConfig):
+def _blur(images, p: float, sigma_range: tuple[float, float]):
+    """Gaussian blur with probability p, sigma uniform in sigma_range (px), window 2 * ceil(3 sigma) + 1.
+
+    Samples not drawn get IDENTITY_SIGMA, an exact no-op: one graph for every sample without DALI conditionals
+    (which need an AutoGraph-converted pipeline function), for the price of a 3-tap pass over those samples.
+    """
+    if p == 0:
+        return images
+    sigma = IDENTITY_SIGMA + _coin(p) * (fn.random.uniform(range=list(sigma_range)) - IDENTITY_SIGMA)
+    return fn.gaussian_blur(images, sigma=sigma)
+
+
+def _solarize(images, p: float, threshold: float):
+    """With probability p, invert the values at or above `threshold` ([0, 1] units): x -> 255 - x."""
+    if p == 0:
+        return images
+    x = fn.cast(images, dtype=types.FLOAT)
+    (on,) = _on_device_of(x, _coin(p))
+    return x + on * (x >= 255 * threshold) * (255 - 2 * x)
+
+
+def _crop(image, group: CropGroup, cfg: DataConfig, layout: str):
+    aug = cfg.augment
     crop = fn.random_resized_crop(
         image, size=[group.size, group.size], random_area=list(group.scale), random_aspect_ratio=list(ASPECT_RATIO)
     )
-    crop = _jitter_colors(crop, cfg.augment, cfg.channels)
-    mirror = fn.random.coin_flip(probability=cfg.augment.flip_p) if cfg.augment.flip_p > 0 else None
-    return _normalize(crop, cfg.mean, cfg.std, mirror)
+    crop = _jitter_colors(crop, aug, cfg.channels)
+    crop = _blur(crop, aug.blur_p if group.blur_p is None else group.blur_p, aug.blur_sigma)
+    crop = _solarize(crop, aug.solarize_p if group.solarize_p is None else group.solarize_p, aug.solarize_threshold)
+    mirror = fn.random.coin_flip(probability=aug.flip_p) if aug.flip_p > 0 else None
+    return _normalize(crop, cfg.mean, cfg.std, mirror, layout)
 
 
 def _check_channels(channels: int, mean, std) -> None:
@@ -193,11 +423,18 @@ def define_train_pipeline(
     device: str = "cpu",
     device_id: int | None = None,
     with_index: bool = False,
+    channels_last: bool = True,
+    guard: bool = True,
     checkpoint: bytes | None = None,
 ) -> tuple[Pipeline, list[str]]:
-    """The multi-crop train graph (not built) and the names of its outputs."""
+    """The multi-crop train graph (not built) and the names of its outputs.
+
+    channels_last: crops leave DALI as HWC (TrainLoader views them as NCHW tensors in channels_last memory).
+    guard: check and replace bad samples (adds the "replaced" output); False only to serialize the graph.
+    """
     _check_device(device)
     _check_channels(cfg.channels, cfg.mean, cfg.std)
+    check_data_config(cfg)
     manifest, tars, idxs = read_manifest(cfg.train_shards)
     pipe = Pipeline(
         batch_size=batch_size,
@@ -220,34 +457,44 @@ def define_train_pipeline(
             shard_id=shard_id,
             num_shards=num_shards,
         )
-        image = _decode(jpegs, cfg.channels, device)  # once; every crop is cut from this decoded image
-        crops = [_crop(image, group, cfg) for group in cfg.crops for _ in range(group.count)]
+        encoded, flags, flag_names = jpegs, [], []
+        if guard:
+            encoded, replaced = _guard(jpegs)
+            flags, flag_names = [replaced], ["replaced"]  # stays on the CPU: counting it never waits for a GPU
+        image = _decode(encoded, cfg.channels, device)  # once; every crop is cut from this decoded image
+        layout = "HWC" if channels_last else "CHW"
+        crops = [_crop(image, group, cfg, layout) for group in cfg.crops for _ in range(group.count)]
         meta, meta_names = _meta_outputs(labels, jpegs, with_index, device)
-        pipe.set_outputs(*crops, *meta)
-    return pipe, [f"crop{i}" for i in range(len(crops))] + meta_names
+        pipe.set_outputs(*crops, *flags, *meta)
+    return pipe, [f"crop{i}" for i in range(len(crops))] + flag_names + meta_names
 
 
 class TrainLoader:
     """Endless iterator of multi-crop batches: {"crops": [B×C×size×size per crop], "label": int64 (B,)}.
 
-    Crops are crop-major (group 0 copy 0, group 0 copy 1, ..., group 1 copy 0, ...); label is -1 for unlabelled
-    shards. Each epoch yields floor(samples_per_epoch / batch_size) full batches, then the next epoch starts.
+    Crops are crop-major (group 0 copy 0, group 0 copy 1, ..., group 1 copy 0, ...), in cfg.output_dtype, on the
+    loader's device, in channels_last memory when asked; label is -1 for unlabelled shards. Each epoch yields
+    floor(samples_per_epoch / batch_size) full batches, then the next epoch starts. Bad samples are replaced by a
+    gray image and counted in `bad_samples`.
     Resume: DALI's own checkpointing (reader position, shuffle state and every random generator), see state_dict.
     """
 
     def __init__(self, cfg: DataConfig, *, batch_size, shard_id=0, num_shards=1, device="cpu", device_id=None,
-                 with_index=False):
+                 with_index=False, channels_last=True, guard=True):
         self.cfg, self.batch_size, self.shard_id, self.num_shards = cfg, batch_size, shard_id, num_shards
         self.device, self.device_id, self.with_index = device, device_id, with_index
+        self.channels_last, self.dtype, self.guard = channels_last, getattr(torch, cfg.output_dtype), guard
         self.crop_sizes = [group.size for group in cfg.crops for _ in range(group.count)]
         self.epoch = 0  # epochs completed
         self.step = 0  # batches yielded in total
+        self.bad_samples = 0  # samples replaced by a gray image so far (their file names are logged as warnings)
         self._build(checkpoint=None)
 
     def _build(self, checkpoint: bytes | None) -> None:
         pipe, self._names = define_train_pipeline(
             self.cfg, batch_size=self.batch_size, shard_id=self.shard_id, num_shards=self.num_shards,
-            device=self.device, device_id=self.device_id, with_index=self.with_index, checkpoint=checkpoint,
+            device=self.device, device_id=self.device_id, with_index=self.with_index,
+            channels_last=self.channels_last, guard=self.guard, checkpoint=checkpoint,
         )
         self._iterator = DALIGenericIterator(
             pipe, self._names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True,
@@ -271,11 +518,18 @@ class TrainLoader:
             self.epoch += 1
             (batch,) = next(self._iterator)
         self.step += 1
-        crops = [batch[f"crop{i}"] for i in range(len(self.crop_sizes))]
+        if self.guard:
+            self.bad_samples += int(batch["replaced"].sum())
+        crops = [self._model_input(batch[f"crop{i}"]) for i in range(len(self.crop_sizes))]
         out = {"crops": crops, "label": self._labels(batch, crops[0])}
         if self.with_index:
             out["index"] = _ascii_to_int(batch["index"])
         return out
+
+    def _model_input(self, crop: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            crop = crop.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: torch's channels_last layout, no copy
+        return crop if crop.dtype == self.dtype else crop.to(self.dtype)  # DALI has no bf16 output
 
     @staticmethod
     def _labels(batch, like: torch.Tensor) -> torch.Tensor:
@@ -289,6 +543,7 @@ class TrainLoader:
             "dali_checkpoint": self._iterator.checkpoints()[0],
             "epoch": self.epoch,
             "step": self.step,
+            "bad_samples": self.bad_samples,
             "seed": self.cfg.seed,
             "shard_id": self.shard_id,
             "num_shards": self.num_shards,
@@ -307,6 +562,7 @@ class TrainLoader:
         del self._iterator  # release the old pipeline's threads and buffers before building the new one
         self._build(checkpoint=state["dali_checkpoint"])
         self.epoch, self.step = state["epoch"], state["step"]
+        self.bad_samples = state.get("bad_samples", 0)  # states saved before the guard existed count from 0
 
 
 def build_train_loader(
@@ -318,25 +574,33 @@ def build_train_loader(
     device: str = "cpu",
     device_id: int | None = None,
     with_index: bool = False,
+    channels_last: bool = True,
+    guard: bool = True,
 ) -> TrainLoader:
     """Multi-crop loader over the shards in cfg.train_shards for rank `shard_id` of `num_shards`.
 
     device="cuda" runs the graph on GPU `device_id` (default: $LOCAL_RANK, else 0). with_index adds
-    "index": the packed sample key (int64), for checks of sharding and coverage.
+    "index": the packed sample key (int64), for checks of sharding and coverage. channels_last gives crops in
+    torch.channels_last memory (what the model wants with model.channels_last); else contiguous NCHW.
+    guard=False skips the bad-sample check (only for shards known to be clean, e.g. written by `seer data pack`).
     """
     _check_device(device)
     if device == "cuda" and device_id is None:
         device_id = int(os.environ.get("LOCAL_RANK", 0))
     return TrainLoader(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, device=device,
-                       device_id=device_id if device == "cuda" else None, with_index=with_index)
+                       device_id=device_id if device == "cuda" else None, with_index=with_index,
+                       channels_last=channels_last, guard=guard)
 
 
 # ------------------------------------------------------------------------------------------------------ eval
 def define_eval_pipeline(
     shards_dir, *, size, channels, mean, std, batch_size, num_threads=2, shard_id=0, num_shards=1, device="cpu",
-    device_id=None, with_index=False,
+    device_id=None, with_index=False, guard=True,
 ) -> tuple[Pipeline, list[str]]:
-    """The eval graph (not built): every sample once, in stored order, resized to size×size, normalized."""
+    """The eval graph (not built): every sample once, in stored order, resized to size×size, normalized.
+
+    guard: check and replace bad samples (adds the "replaced" output); False only to serialize the graph.
+    """
     _check_device(device)
     _check_channels(channels, mean, std)
     manifest, tars, idxs = read_manifest(shards_dir)
@@ -348,15 +612,20 @@ def define_eval_pipeline(
             # stick_to_shard keeps every pass on the same samples.
             pad_last_batch=True, stick_to_shard=True, shard_id=shard_id, num_shards=num_shards,
         )
-        image = fn.resize(_decode(jpegs, channels, device), size=[size, size])
+        encoded, flags, flag_names = jpegs, [], []
+        if guard:
+            encoded, replaced = _guard(jpegs)
+            flags, flag_names = [replaced], ["replaced"]  # stays on the CPU: counting it never waits for a GPU
+        image = fn.resize(_decode(encoded, channels, device), size=[size, size])
         meta, meta_names = _meta_outputs(labels, jpegs, with_index, device)
-        pipe.set_outputs(_normalize(image, mean, std), *meta)
-    return pipe, ["image"] + meta_names
+        pipe.set_outputs(_normalize(image, mean, std), *flags, *meta)
+    return pipe, ["image"] + flag_names + meta_names
 
 
 class EvalLoader:
     """Re-iterable: each `for` is one pass yielding {"image": B×C×size×size, "label": int64 (B,)}; every sample of
-    this rank's shard exactly once, the last batch possibly smaller."""
+    this rank's shard exactly once, the last batch possibly smaller. Bad samples are replaced by a gray image and
+    counted in `bad_samples` (over all passes)."""
 
     def __init__(self, pipe: Pipeline, names: list[str], with_index: bool):
         self._iterator = DALIGenericIterator(
@@ -365,6 +634,7 @@ class EvalLoader:
         )
         self.with_index = with_index
         self.samples = self._iterator.size
+        self.bad_samples = 0
         self._mid_pass = False
 
     def __len__(self) -> int:
@@ -376,6 +646,7 @@ class EvalLoader:
                 pass
         self._mid_pass = True
         for (batch,) in self._iterator:
+            self.bad_samples += int(batch["replaced"].sum())
             out = {"image": batch["image"], "label": TrainLoader._labels(batch, batch["image"])}
             if self.with_index:
                 out["index"] = _ascii_to_int(batch["index"])
@@ -396,3 +667,31 @@ def build_eval_loader(
         device_id=device_id if device == "cuda" else None, with_index=with_index,
     )
     return EvalLoader(pipe, names, with_index)
+
+
+# ----------------------------------------------------------------------------------------------------- files
+def image_file_batches(paths, *, size, channels, mean, std, batch_size=64, num_threads=2, jpeg_quality=95):
+    """Image files -> float batches B×C×size×size (CPU), in the order given, preprocessed as `seer data pack`
+    then the eval loader would: each file is decoded by Pillow to validate it and, unless it is already a plain
+    JPEG, re-encoded at `jpeg_quality` (pack's default) exactly as pack stores it; DALI then decodes, resizes
+    and normalizes with the eval graph's ops. A file Pillow cannot decode is a ValueError naming it."""
+    import numpy as np  # local imports keep this section self-contained
+
+    from dataloading.pack import _prepare_file
+
+    _check_channels(channels, mean, std)
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=None, seed=0, prefetch_queue_depth=1)
+    with pipe:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        pipe.set_outputs(_normalize(fn.resize(_decode(encoded, channels, "cpu"), size=[size, size]), mean, std))
+    pipe.build()
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for path in paths[start:start + batch_size]:
+            data, reason = _prepare_file(str(path), jpeg_quality, None)[:2]  # (JPEG bytes, skip reason, ...)
+            if data is None:
+                raise ValueError(f"{path} is not a usable image file: {reason.replace('_', ' ')}")
+            batch.append(np.frombuffer(data, dtype=np.uint8))
+        pipe.feed_input("encoded", batch)
+        (images,) = pipe.run()
+        yield torch.from_numpy(np.array(images.as_tensor()))

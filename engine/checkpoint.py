@@ -1,58 +1,381 @@
-"""Training checkpoints: DeepSpeed's engine state plus each rank's own trainer state (step, loader, RNG)."""
+"""Training checkpoints that survive a crash at any instant and resume at any world size.
+
+Layout of `directory` (train.output_dir/checkpoints):
+
+    step_00000500/            a complete checkpoint: DeepSpeed's files, each rank's trainer_rankNNNNN.pt (step, data
+      complete.json           loader position, RNG) and the manifest, written last: world size, ZeRO stage, every
+      ...                     file with its size, the config
+    step_00001000.partial/    a save in progress, or one a crash cut short: never loaded, removed by the next save
+    latest                    the tag to resume from (DeepSpeed's convention), replaced atomically
+
+A save writes everything into `step_X.partial/`, waits for every rank, fsyncs the files, writes the manifest, renames
+the folder to `step_X` (atomic) and only then moves `latest`. So a kill -9 at any point leaves either the previous
+checkpoints untouched or a new complete one. (DeepSpeed 0.19.8 alone is not safe: rank 0 rewrites `latest` in place
+right after its own files, with no barrier, while other ranks may still be writing theirs.) A checkpoint counts as
+complete only if its manifest lists files that all exist with the listed sizes.
+
+Resuming at another world size or ZeRO stage: DeepSpeed refuses ZeRO-1/2 checkpoints of another data-parallel size,
+and its universal-checkpoint converter only knows Adam's state (`KeyError: 'exp_avg'` on momentum SGD). So
+`consolidate` rebuilds, from the files of any world size and ZeRO stage 0-2, every parameter's fp32 master value,
+every tensor of optimizer state (momentum) and every buffer (BatchNorm running statistics) by parameter name, and
+`apply_consolidated` places them into a freshly initialized engine of any world size and ZeRO stage 0-2.
+"""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_set_full_fp32_param
+
+MANIFEST = "complete.json"
+LATEST = "latest"
+PARTIAL = ".partial"
+RESUME_MODES = ("auto", "never", "must")
+_ENTRY = re.compile(r"step_(\d{8})(\.partial)?")
 
 
-def _tag(step: int) -> str:
+class CheckpointWarning(UserWarning):
+    """A resume that is not bit-for-bit the interrupted run, or a checkpoint that was skipped."""
+
+
+def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
-class Checkpointer:
-    """Saves into `directory/step_XXXXXXXX/` and points DeepSpeed's `latest` file at it.
+def read_manifest(tag_dir: str | Path) -> dict | None:
+    """The manifest of a complete checkpoint; None if it is incomplete (no manifest, a file missing or cut short)."""
+    tag_dir = Path(tag_dir)
+    try:
+        manifest = json.loads((tag_dir / MANIFEST).read_text())
+        for name, size in manifest["files"].items():
+            if (tag_dir / name).stat().st_size != size:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest
 
-    The per-rank trainer files are written (atomically) before DeepSpeed's save, and DeepSpeed writes `latest`
-    only after its own files, so a tag named by `latest` is always complete.
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _fsync(path.parent)
+
+
+def _remove(tag_dir: Path) -> None:
+    """Manifest first: a crash half-way through the removal leaves an incomplete folder, never a 'complete' one."""
+    (tag_dir / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(tag_dir, ignore_errors=True)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Checkpointer:
+    """Saves into `directory/step_XXXXXXXX/`, keeps the newest `keep` complete checkpoints, finds what to resume from.
+
+    Every rank calls save and load (they are collective). The directory must be shared by all ranks, as for
+    DeepSpeed's own checkpoints.
     """
 
-    def __init__(self, directory: str | Path, rank: int):
+    def __init__(self, directory: str | Path, rank: int, world_size: int, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
         self.directory = Path(directory)
-        self.rank = rank
+        self.rank, self.world_size, self.keep = rank, world_size, keep
 
-    def latest_step(self) -> int | None:
-        latest = self.directory / "latest"
-        if not latest.is_file():
+    # ------------------------------------------------------------------------------------------------ inspecting
+    def _entries(self) -> list[tuple[int, Path]]:
+        """(step, path) of every step_X and step_X.partial folder, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _ENTRY.fullmatch(p.name))]
+        return sorted(found)
+
+    def complete_steps(self) -> list[int]:
+        return [step for step, path in self._entries()
+                if not path.name.endswith(PARTIAL) and read_manifest(path) is not None]
+
+    def _latest(self) -> str | None:
+        try:
+            return (self.directory / LATEST).read_text().strip()
+        except OSError:
             return None
-        return int(latest.read_text().strip().removeprefix("step_"))
 
-    def save(self, engine, step: int, trainer_state: dict) -> Path:
-        tag_dir = self.directory / _tag(step)
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        final = tag_dir / f"trainer_rank{self.rank:05d}.pt"
-        partial = final.with_suffix(".pt.partial")
-        torch.save({"step": step, **trainer_state}, partial)
-        os.replace(partial, final)
-        if dist.is_initialized():
-            dist.barrier()  # every rank's trainer file exists before `latest` can move
-        engine.save_checkpoint(str(self.directory), tag=_tag(step))
-        return tag_dir
+    def resume_tag(self, mode: str) -> str | None:
+        """The checkpoint to resume from under train.resume=`mode` (auto | never | must); None: start at step 0.
 
-    def load(self, engine) -> dict | None:
-        """Restore the engine from the latest checkpoint; return this rank's trainer state (None: nothing saved)."""
-        step = self.latest_step()
-        if step is None:
+        `latest` decides when it names a complete checkpoint; otherwise (a crash cut its save short, or it was
+        edited) the newest complete one is used, with a warning. Incomplete folders are never used.
+        """
+        if mode not in RESUME_MODES:
+            raise ValueError(f"train.resume must be one of {', '.join(RESUME_MODES)}, got {mode!r}")
+        if mode == "never":
+            if self._entries() or self._latest() is not None:
+                raise FileExistsError(
+                    f"{self.directory} already holds checkpoints and train.resume=never: pass --resume (or set "
+                    f"train.resume=auto) to continue that run, or set train.output_dir to a new folder")
             return None
-        path = self.directory / _tag(step) / f"trainer_rank{self.rank:05d}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"checkpoint {path.parent} has no trainer state for rank {self.rank}: it was written by a run with "
-                f"another number of ranks; resume with the same world size"
-            )
-        loaded, _ = engine.load_checkpoint(str(self.directory), tag=_tag(step))
-        if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.directory / _tag(step)}")
-        return torch.load(path, weights_only=False)
+        complete = self.complete_steps()
+        if not complete:
+            if mode == "must":
+                raise FileNotFoundError(f"train.resume=must but {self.directory} holds no complete checkpoint")
+            torn = [path.name for _, path in self._entries()] + ([LATEST] if self._latest() is not None else [])
+            if torn:
+                self._warn(f"{self.directory} holds no complete checkpoint (ignored: {', '.join(torn)}); "
+                           f"starting at step 0")
+            return None
+        latest = self._latest()
+        if latest in {tag_of(step) for step in complete}:
+            return latest
+        newest = tag_of(complete[-1])
+        problem = "is missing" if latest is None else f"names {latest!r}, which is not a complete checkpoint"
+        self._warn(f"{self.directory / LATEST} {problem}; resuming from the newest complete one, {newest}")
+        return newest
+
+    def _warn(self, message: str) -> None:
+        if self.rank == 0:
+            warnings.warn(message, CheckpointWarning, stacklevel=3)
+
+    # ---------------------------------------------------------------------------------------------------- saving
+    def save(self, engine, step: int, trainer_state: dict, info: dict | None = None) -> Path:
+        """Write a complete checkpoint of `step` (collective); `info` goes into the manifest (e.g. the config)."""
+        tag = tag_of(step)
+        partial = self.directory / (tag + PARTIAL)
+        if self.rank == 0:
+            _remove(partial)  # left by a crash of an earlier attempt at this step
+            partial.mkdir(parents=True)
+        _barrier()
+        torch.save({"step": step, **trainer_state}, partial / f"trainer_rank{self.rank:05d}.pt")
+        engine.save_checkpoint(str(self.directory), tag=partial.name, save_latest=False)
+        _barrier()  # every rank's files are written
+        files = sorted(p for p in partial.rglob("*") if p.is_file())
+        for path in files[self.rank::self.world_size]:  # each rank makes its share durable
+            _fsync(path)
+        _barrier()
+        if self.rank == 0:
+            self._commit(engine, step, partial, files, info or {})
+        _barrier()  # when save returns, the checkpoint is complete on every rank's view
+        return self.directory / tag
+
+    def _commit(self, engine, step: int, partial: Path, files: list[Path], info: dict) -> None:
+        manifest = {
+            "step": step,
+            "world_size": self.world_size,
+            "zero_stage": engine.zero_optimization_stage(),
+            "files": {str(p.relative_to(partial)): p.stat().st_size for p in files},
+            **info,
+        }
+        if manifest["zero_stage"] == 0:  # DeepSpeed saves ZeRO-0 optimizer state by index only: keep the names
+            name_of = {p: name for name, p in engine.module.named_parameters()}
+            manifest["optimizer_param_names"] = [[name_of[p] for p in group["params"]]
+                                                 for group in engine.optimizer.param_groups]
+        _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
+        final = self.directory / tag_of(step)
+        if final.exists():  # a checkpoint of an abandoned later timeline (resumed from an earlier step)
+            _remove(final)
+        os.rename(partial, final)
+        _fsync(self.directory)
+        _write_atomic(self.directory / LATEST, final.name)
+        self._prune(step)
+
+    def _prune(self, step: int) -> None:
+        """Drop incomplete folders and all but the newest `keep` complete checkpoints up to `step`.
+
+        Complete checkpoints after `step` belong to a timeline abandoned by resuming from an earlier one; they are
+        replaced when the run reaches their step again.
+        """
+        kept_before = []
+        for other, path in self._entries():
+            if path.name.endswith(PARTIAL) or read_manifest(path) is None:
+                _remove(path)
+            elif other < step:
+                kept_before.append(path)
+        for path in kept_before[:max(len(kept_before) - (self.keep - 1), 0)]:
+            _remove(path)
+
+    # --------------------------------------------------------------------------------------------------- loading
+    def load(self, engine, tag: str, config: dict | None = None) -> dict:
+        """Restore the engine from checkpoint `tag` and return the trainer state (collective).
+
+        Same world size and ZeRO stage: DeepSpeed's own load, and this rank's trainer state (exact resume). Otherwise
+        the checkpoint is consolidated and re-partitioned for this engine; the returned state is rank 0's with
+        `resharded_from` = {"world_size", "zero_stage"} added, and its loader position and RNG do not apply.
+        """
+        tag_dir = self.directory / tag
+        manifest = read_manifest(tag_dir)
+        if manifest is None:
+            raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete or missing")
+        if config is not None and "config" in manifest:
+            changed = _changed_keys(manifest["config"], config)
+            if changed:
+                self._warn(f"resuming {tag_dir} with a changed config: {'; '.join(changed)}")
+        saved = {"world_size": manifest["world_size"], "zero_stage": manifest["zero_stage"]}
+        current = {"world_size": self.world_size, "zero_stage": engine.zero_optimization_stage()}
+        if saved == current:
+            loaded, _ = engine.load_checkpoint(str(self.directory), tag=tag)
+            if loaded is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+            return torch.load(tag_dir / f"trainer_rank{self.rank:05d}.pt", weights_only=False)
+        self._warn(f"checkpoint {tag_dir} was written by {saved['world_size']} rank(s) at ZeRO stage "
+                   f"{saved['zero_stage']}; resuming with {current['world_size']} at stage {current['zero_stage']}: "
+                   f"weights, momentum, BatchNorm statistics and the step carry over exactly, the data loader starts "
+                   f"a new pass over the data for the new rank layout")
+        apply_consolidated(engine, consolidate(tag_dir))
+        state = torch.load(tag_dir / "trainer_rank00000.pt", weights_only=False)
+        return {**state, "resharded_from": saved}
+
+
+def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _changed_keys(old, new, f"{prefix}{key}.")
+        elif old != new and f"{prefix}{key}" != "train.resume":
+            changes.append(f"{prefix}{key} {old!r} -> {new!r}")
+    return changes
+
+
+# ---------------------------------------------------------------------------------- world-size-independent state
+def consolidate(tag_dir: str | Path) -> dict:
+    """A complete checkpoint of any world size and ZeRO stage 0-2, by parameter name, on CPU:
+
+    {"params": {name: fp32 master value}, "buffers": {name: tensor}, "optimizer": {state key: {name: tensor}},
+     "world_size", "zero_stage", "global_steps", "global_samples", "skipped_steps"}
+    """
+    tag_dir = Path(tag_dir)
+    manifest = read_manifest(tag_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete or missing")
+    stage, world_size = manifest["zero_stage"], manifest["world_size"]
+    if stage not in (0, 1, 2):
+        raise ValueError(f"checkpoint {tag_dir} was written at ZeRO stage {stage} by {world_size} rank(s); only "
+                         f"stages 0-2 can change world size or stage: resume it with {world_size} rank(s) and "
+                         f"train.zero_stage={stage}")
+    model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    module = model_states["module"]  # stages 0-2: full parameters (ZeRO-1/2: copies of the fp32 masters)
+    buffers = {name: module[name] for name in model_states["buffer_names"]}
+    params = {name: value.float() for name, value in module.items() if name not in buffers}
+    if stage == 0:
+        names = [name for group in manifest["optimizer_param_names"] for name in group]
+        optimizer = _by_name(model_states["optimizer"]["state"], names)
+    else:
+        masters, optimizer = _unflatten_zero12(tag_dir, world_size, model_states["param_shapes"])
+        params.update(masters)
+    return {
+        "params": params,
+        "buffers": buffers,
+        "optimizer": optimizer,
+        "world_size": world_size,
+        "zero_stage": stage,
+        **{key: model_states[key] for key in ("global_steps", "global_samples", "skipped_steps")},
+    }
+
+
+def _by_name(state: dict, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """torch.optim state (keyed by parameter index) -> {state key: {parameter name: tensor}}; tensors only."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for index, entry in state.items():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                out.setdefault(key, {})[names[index]] = value.float()
+    return out
+
+
+def _unflatten_zero12(tag_dir: Path, world_size: int, param_shapes: list[dict]) -> tuple[dict, dict]:
+    """ZeRO-1/2: every rank holds a slice of each group's flat fp32 vector (and of its optimizer state);
+    concatenated over ranks, the vector holds the group's parameters in order, each followed by its alignment
+    padding (DeepSpeed's own reconstruction in deepspeed.utils.zero_to_fp32 does the same for the weights)."""
+    ranks = [torch.load(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
+                        weights_only=False)["optimizer_state_dict"] for rank in range(world_size)]
+    params: dict[str, torch.Tensor] = {}
+    optimizer: dict[str, dict[str, torch.Tensor]] = {}
+    for group, shapes in enumerate(param_shapes):
+        slices = [rank["single_partition_of_fp32_groups"][group] for rank in ranks]
+        alignment = ranks[0].get("param_alignment_paddings")  # per group, per parameter; may be absent
+        paddings = alignment[group] if alignment else [0] * len(shapes)
+        params.update(_split(torch.cat(slices), shapes, paddings))
+        states = []
+        for rank in ranks:
+            base = rank["base_optimizer_state"]  # torch.optim state of the rank's flat slice (a list if elastic)
+            states.append(base[group] if isinstance(base, list)
+                          else base["state"].get(base["param_groups"][group]["params"][0], {}))
+        for key in states[0]:
+            if all(torch.is_tensor(state.get(key)) and state[key].dim() == 1 and state[key].numel() >= piece.numel()
+                   for state, piece in zip(states, slices)):
+                # the state may be padded to the partition size; the fp32 slices are not
+                flat = torch.cat([state[key][:piece.numel()].float() for state, piece in zip(states, slices)])
+                optimizer.setdefault(key, {}).update(_split(flat, shapes, paddings))
+    return params, optimizer
+
+
+def _split(flat: torch.Tensor, shapes: dict, paddings: list[int]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for (name, shape), padding in zip(shapes.items(), paddings):
+        numel = torch.Size(shape).numel()
+        out[name] = flat.narrow(0, offset, numel).view(shape).clone()
+        offset += numel + padding
+    if offset > flat.numel():
+        raise ValueError(f"ZeRO partitions hold {flat.numel()} values but the parameters need {offset}")
+    return out
+
+
+def apply_consolidated(engine, state: dict) -> None:
+    """Load a `consolidate`d checkpoint into a DeepSpeed engine of any world size at ZeRO stage 0-2 (no collectives)."""
+    stage = engine.zero_optimization_stage()
+    if stage not in (0, 1, 2):
+        raise ValueError(f"a checkpoint of {state['world_size']} rank(s) at ZeRO stage {state['zero_stage']} cannot be "
+                         f"loaded at ZeRO stage {stage}: set train.zero_stage to 0, 1 or 2")
+    model = engine.module
+    model.load_state_dict({**state["params"], **state["buffers"]}, strict=True)  # stages 0-2 hold full parameters
+    name_of = {p: name for name, p in model.named_parameters()}
+    if stage == 0:
+        for group in engine.optimizer.param_groups:
+            for p in group["params"]:
+                for key, values in state["optimizer"].items():
+                    if name_of[p] in values:
+                        engine.optimizer.state[p][key] = torch.empty_like(p).copy_(values[name_of[p]])
+    else:
+        zero = engine.optimizer
+        for p, name in name_of.items():
+            safe_set_full_fp32_param(p, state["params"][name])  # this rank's fragment of the fp32 master
+        for lp_params, group in zip(zero.bit16_groups, zero.optimizer.param_groups):
+            (partition,) = group["params"]  # this rank's flat fp32 slice of the group
+            for key, values in state["optimizer"].items():
+                if not any(name_of[p] in values for p in lp_params):
+                    continue  # this group had no such state yet (e.g. frozen prototypes)
+                flat = torch.zeros_like(partition)
+                for p in lp_params:
+                    mapping = p._hp_mapping
+                    if mapping is not None and name_of[p] in values:
+                        address = mapping.get_hp_fragment_address()
+                        flat.narrow(0, address.start, address.numel).copy_(_fragment(values[name_of[p]], mapping))
+                zero.optimizer.state[partition][key] = flat
+    engine.global_steps = state["global_steps"]
+    engine.global_samples = state["global_samples"]
+    engine.skipped_steps = state["skipped_steps"]
+
+
+def _fragment(full: torch.Tensor, mapping) -> torch.Tensor:
+    address = mapping.lp_fragment_address
+    return full.reshape(-1).narrow(0, address.start, address.numel)

@@ -17,6 +17,13 @@ def _pack(args) -> None:
     print(json.dumps({k: manifest[k] for k in ("kept", "skipped")}))
 
 
+def _tiles(args) -> None:
+    from dataloading.tiles import make_tiles, parse_size
+
+    print(json.dumps(make_tiles(args.out, args.count, size=parse_size(args.size), quality=args.quality,
+                                seed=args.seed, workers=args.workers)))
+
+
 def _pretrain(args) -> None:
     from engine.config import load_config
     from engine.pretrain import pretrain
@@ -24,17 +31,64 @@ def _pretrain(args) -> None:
     print(json.dumps(pretrain(load_config(args.config, args.overrides), resume=args.resume)))
 
 
+def _finetune(args) -> None:
+    from engine.config import load_config
+    from engine.finetune import finetune
+
+    print(json.dumps(finetune(load_config(args.config, args.overrides), args.weights)))
+
+
 def _eval(args) -> None:
     from engine.config import load_config
-    from engine.evaluate import PROTOCOLS, evaluate, load_backbone
+    from engine.evaluate import PROTOCOLS, FeatureCache, evaluate
+    from engine.export import load_backbone_weights
 
     cfg = load_config(args.config, args.overrides)
-    backbone = None if args.weights == "pixels" else load_backbone(args.weights)
-    protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
-    results = evaluate(backbone, cfg, protocols, image_size=args.image_size)
+    pixels = args.weights == "pixels"
+    if args.save_head:
+        from engine.predict import save_linear_head
+
+        if args.protocol != "linear" or pixels:
+            raise ValueError("--save-head saves the linear probe of a backbone: "
+                             "seer eval linear --weights W --save-head OUT.pt")
+        results = save_linear_head(args.weights, cfg, args.save_head, image_size=args.image_size)
+    else:
+        backbone = None if pixels else load_backbone_weights(args.weights)
+        protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
+        results = evaluate(backbone, cfg, protocols, image_size=args.image_size,
+                           cache=None if pixels else FeatureCache.beside(args.weights))
     for name, value in results.items():
         print(f"{name:<18} {value:.4f}", file=sys.stderr)
-    print(json.dumps({"weights": str(args.weights), **results}))
+    head = {"head": str(args.save_head)} if args.save_head else {}
+    print(json.dumps({"weights": str(args.weights), **results, **head}))
+
+
+def _export(args) -> None:
+    from engine.export import export
+
+    summary = export(args.checkpoint, args.out)
+    print(f"wrote {summary['out']} ({summary['tensors']} tensors of backbone {summary['backbone']}); load it with:\n"
+          f"{summary['load']}", file=sys.stderr)
+    print(json.dumps(summary))
+
+
+def _predict(args) -> None:
+    from engine.predict import predict
+
+    results = predict(args.model, args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results))
+        return
+    for result in results:
+        print(result["file"])
+        for entry in result["top"]:
+            print(f"  {entry['probability']:.4f}  {entry['class']}")
+
+
+def _report(args) -> None:
+    from engine.report import write_report
+
+    print(write_report(args.run_dir))
 
 
 def _demo(args) -> None:
@@ -43,7 +97,34 @@ def _demo(args) -> None:
     run_demo(args.overrides)
 
 
+def _plan(args) -> None:
+    from engine.plan import run
+
+    run(args)
+
+
+def benchmark_script(name: str):
+    """benchmarks/NAME.py of this checkout as a module (benchmarks/ is a folder of scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"seer_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_train(args) -> None:
+    benchmark_script("train").run(args, sys.argv[sys.argv.index("train") + 1:])
+
+
+def _bench_data(args) -> None:
+    benchmark_script("data").run(args, sys.argv[sys.argv.index("data") + 1:])
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from engine.finetune import add_arguments as add_finetune_arguments
     from engine.pretrain import add_arguments
 
     parser = argparse.ArgumentParser(prog="seer", description="SEER-style SwAV pretraining engine")
@@ -59,10 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--no-labels", action="store_true", help="ignore class subfolders")
     pack.add_argument("--workers", type=int, default=None, help="validation/encoding processes (default: all cores)")
     pack.set_defaults(run=_pack)
+    tiles = data.add_parser("tiles", help="real-photo JPEG tiles (random crops of Debian's wallpaper photos)")
+    tiles.add_argument("out", help="new or empty output folder")
+    tiles.add_argument("--count", type=int, required=True, help="number of tiles")
+    tiles.add_argument("--size", default="500x375", help="tile size WIDTHxHEIGHT in pixels")
+    tiles.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    tiles.add_argument("--seed", type=int, default=0, help="same seed and photos -> same tiles")
+    tiles.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    tiles.set_defaults(run=_tiles)
 
     pretrain = commands.add_parser("pretrain", help="SwAV pretraining (no --config: the demo's config)")
     add_arguments(pretrain)
     pretrain.set_defaults(run=_pretrain)
+
+    finetune = commands.add_parser(
+        "finetune", help="backbone + linear classifier trained end to end on finetune.train_shards; test top-1")
+    add_finetune_arguments(finetune)
+    finetune.set_defaults(run=_finetune)
 
     evaluate = commands.add_parser(
         "eval", help="top-1 of frozen features on eval.train_shards -> eval.test_shards: knn, linear, lowshot or all")
@@ -70,8 +164,41 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", required=True, help="backbone file from pretraining (backbone_final.pt), or 'pixels'")
     evaluate.add_argument("--config", help="YAML config for data and eval settings (default: the demo's)")
     evaluate.add_argument("--image-size", type=int, default=None, help="override eval.image_size")
+    evaluate.add_argument("--save-head", metavar="OUT.pt",
+                          help="linear only: save backbone + fitted probe as a classifier for `seer predict`")
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value")
     evaluate.set_defaults(run=_eval)
+
+    export = commands.add_parser("export", help="backbone weights -> timm-format safetensors")
+    export.add_argument("checkpoint", help="backbone_*.pt of pretraining, or a DeepSpeed checkpoint folder "
+                                           "(RUN/checkpoints: the latest step; or RUN/checkpoints/step_XXXXXXXX)")
+    export.add_argument("out", help="output file, *.safetensors")
+    export.set_defaults(run=_export)
+
+    predict = commands.add_parser("predict", help="classify image files with a saved classifier")
+    predict.add_argument("--model", required=True, help="classifier file (seer eval linear --save-head)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of them")
+    predict.add_argument("--top-k", type=int, default=5, help="classes shown per image")
+    predict.add_argument("--json", action="store_true", help="one JSON list on stdout instead of text")
+    predict.set_defaults(run=_predict)
+
+    report = commands.add_parser("report", help="plots and report.md of a pretraining run (its metrics.jsonl)")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run's train.output_dir (metrics.jsonl, config.yaml)")
+    report.set_defaults(run=_report)
+
+    from engine.plan import add_arguments as add_plan_arguments
+
+    plan = commands.add_parser("plan", help="per-GPU memory (weights, gradients, optimizer, activations) and run time")
+    add_plan_arguments(plan)
+    plan.set_defaults(run=_plan)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bench_train = bench.add_parser("train", help="img/s, TFLOP/s, MFU and peak memory of SwAV training steps")
+    benchmark_script("train").add_arguments(bench_train)
+    bench_train.set_defaults(run=_bench_train)
+    bench_data = bench.add_parser("data", help="img/s of the DALI multi-crop loader vs a DataLoader + Pillow")
+    benchmark_script("data").add_arguments(bench_data)
+    bench_data.set_defaults(run=_bench_data)
 
     demo = commands.add_parser("demo", help="Fashion-MNIST end to end: pack, pretrain, kNN vs random init and pixels")
     demo.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -80,11 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse stops filling a positional list at the first option: `seer eval knn --weights W a.b=1` would leave
+    # `a.b=1` unrecognized, so overrides given after options are collected here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         args.run(args)
         code = 0
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"seer: error: {err}", file=sys.stderr)
         code = 2
     except BaseException:

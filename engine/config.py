@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from dataloading.config import AugmentConfig, CropGroup, DataConfig
+from dataloading.config import DataConfig, check_data_config
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -32,6 +32,9 @@ class ModelConfig:
     embedding_dim: int = 256
     num_prototypes: int = 16000
     channels_last: bool = True  # NHWC activations: faster convolutions on CPU and on tensor cores
+    init_weights: str = ""  # backbone weights to start from: timm-format .safetensors or backbone_*.pt; "" = random
+    sync_bn_group_size: int = 64  # ranks sharing BatchNorm batch statistics (SEER: 64); 1 = per rank; capped at world
+    activation_checkpointing: str = "none"  # none | block | stage: trunk modules that keep only their input
 
 
 @dataclass
@@ -60,11 +63,13 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 64  # images per rank per step (each with every crop)
-    precision: str = "fp32"  # fp32 | bf16 (autocast with fp32 master weights, as SEER's AMP)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast, fp32 weights (SEER's AMP); fp16 (GPU) with loss scaling
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     output_dir: str = "runs/pretrain"
     log_every: int = 10  # steps between metric records
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
+    resume: str = "auto"  # auto: continue from the newest complete checkpoint in output_dir if any | never | must
     seed: int = 0
     progress: bool = True  # progress bar on rank 0
 
@@ -75,8 +80,57 @@ class EvalConfig:
     test_shards: str = ""  # labelled shards that are classified
     image_size: int = 224  # eval images are resized to this square
     knn_k: int = 20
+    knn_k_large: int = 200  # a second kNN with this many neighbours (SwAV/DINO report k=20 and 200); 0 = off
     knn_temperature: float = 0.07
+    feature_cache: bool = True  # keep extracted features in feature_cache/ beside the weights file
     batch_size: int = 256
+
+
+@dataclass
+class MonitorConfig:
+    """Training monitors, evaluated at each metrics record (every train.log_every steps; engine/monitor.py)."""
+
+    # A logged window counts as collapsed when its loss is within collapse_loss_band of ln K (|loss / ln K - 1| <=
+    # band: the loss of uniform predictions, where a collapsed run sits), or when the histogram of its assigned
+    # crops' nearest prototypes has an entropy below collapse_min_entropy * ln(min(K, assignments in the window)):
+    # most crops share a few prototypes. Windows before collapse_check_from_step do not count: a healthy run starts
+    # with its loss near ln K (the demo: ~1.0 ln K at step 100, 0.89-0.93 ln K at step 200). Measured entropies
+    # (fraction of ln K): demo at init 0.55, step 500 0.74, step 1000 0.87; a tiny test run collapsed by
+    # swav.epsilon=100, 0.05-0.22.
+    collapse_check_from_step: int = 200  # steps
+    collapse_loss_band: float = 0.05  # fraction of ln K
+    collapse_min_entropy: float = 0.3  # fraction of ln(min(K, assignments per window))
+    collapse_patience: int = 5  # consecutive collapsed windows before the warning
+    # Online kNN top-1 (k, temperature, image size and batch size of the eval section), at the first metrics record
+    # at or after every knn_every steps, on every rank; the model goes back to train mode untouched.
+    knn_every: int = 0  # steps (0 = off)
+    knn_train_shards: str = ""  # labelled shards of the kNN memory bank; "" = eval.train_shards
+    knn_test_shards: str = ""  # labelled held-out shards that are classified; "" = eval.test_shards
+    knn_max_samples: int = 5000  # per split: the first ~this many samples of the shards are used (0 = all)
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning of backbone + linear classifier (`seer finetune`); data.channels/mean/std/num_threads,
+    model.backbone (for --weights random) and model.channels_last come from their own sections."""
+
+    train_shards: str = ""  # labelled shards trained on
+    test_shards: str = ""  # labelled shards top-1 is reported on (resized to image_size, no crop)
+    image_size: int = 224  # px; train crops and test images are this square
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction (aspect 3/4-4/3), then flip
+    steps: int = 1000
+    batch_size: int = 64  # images per rank per step
+    lr: float = 0.1  # peak, per 256 images of global batch; linear warm-up then cosine to 0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # not applied to biases and normalisation parameters
+    warmup_steps: int = 100
+    label_smoothing: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 (autocast with fp32 master weights)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    output_dir: str = "runs/finetune"
+    log_every: int = 10  # steps between metric records
+    seed: int = 0
+    progress: bool = True  # progress bar on rank 0
 
 
 @dataclass
@@ -87,6 +141,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def n_crops(self) -> int:
@@ -162,6 +218,11 @@ def _coerce(kind, value, key: str):
         return _coerce(next(a for a in args if a is not type(None)), value, key)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads exponents without a dot (1e-6) as strings
+            return float(value)
+        except ValueError:
+            pass
     if kind in (int, float, str, bool) and (type(value) is not kind):
         raise ConfigError(f"config key {key!r} expects {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -175,6 +236,12 @@ def _check(cfg: Config) -> None:
             raise ConfigError(message)
 
     data, model, swav, optim, train = cfg.data, cfg.model, cfg.swav, cfg.optim, cfg.train
+    try:
+        check_data_config(data)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    need(data.output_dtype == "float32" or train.precision != "fp32",
+         f"data.output_dtype={data.output_dtype} needs train.precision=bf16 or fp16 (fp32 layers cannot take it)")
     need(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}")
     need(len(data.mean) == data.channels and len(data.std) == data.channels,
          f"data.mean and data.std need one value per channel (data.channels={data.channels})")
@@ -192,18 +259,44 @@ def _check(cfg: Config) -> None:
          "swav.temperature and swav.epsilon must be > 0 and swav.sinkhorn_iterations >= 1")
     need(swav.backend in ("auto", "torch", "triton"), f"swav.backend must be auto, torch or triton, got {swav.backend!r}")
     need(swav.freeze_prototypes_steps >= 0, "swav.freeze_prototypes_steps must be >= 0")
-    need(model.num_prototypes > 0 and model.embedding_dim > 0, "model.num_prototypes and model.embedding_dim must be > 0")
+    need(model.sync_bn_group_size >= 1, f"model.sync_bn_group_size must be >= 1, got {model.sync_bn_group_size}")
+    need(model.activation_checkpointing in ("none", "block", "stage"),
+         f"model.activation_checkpointing must be none, block or stage, got {model.activation_checkpointing!r}")
+    need(model.num_prototypes >= 2 and model.embedding_dim > 0,
+         "model.num_prototypes must be >= 2 and model.embedding_dim > 0")
     need(optim.name in ("lars", "sgd"), f"optim.name must be lars or sgd, got {optim.name!r}")
     need(optim.lr > 0 and 0 <= optim.final_lr_fraction <= 1, "optim.lr must be > 0 and optim.final_lr_fraction in [0, 1]")
     need(optim.warmup_steps >= 0 and optim.weight_decay >= 0 and optim.gradient_clipping >= 0,
          "optim.warmup_steps, optim.weight_decay and optim.gradient_clipping must be >= 0")
     need(train.steps > 0 and train.batch_size > 0, "train.steps and train.batch_size must be > 0")
-    need(train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {train.precision!r}")
+    need(train.precision in ("fp32", "bf16", "fp16"),
+         f"train.precision must be fp32, bf16 or fp16, got {train.precision!r}")
     need(train.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {train.zero_stage}")
-    # ZeRO flattens each parameter group into one partition, so LARS would see partition norms instead of
-    # per-layer norms (DeepSpeed issue #490) and silently train something else.
-    need(not (optim.name == "lars" and train.zero_stage > 0),
-         "optim.name=lars needs train.zero_stage=0: LARS under ZeRO partitioning is not exact yet; "
-         "set train.zero_stage=0 or optim.name=sgd")
     need(train.log_every > 0 and train.checkpoint_every > 0, "train.log_every and train.checkpoint_every must be > 0")
+    need(train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {train.keep_checkpoints}")
+    need(train.resume in ("auto", "never", "must"), f"train.resume must be auto, never or must, got {train.resume!r}")
+    need(cfg.eval.knn_k > 0 and cfg.eval.knn_k_large >= 0,
+         f"eval.knn_k must be > 0 and eval.knn_k_large >= 0 (0 = off), got {cfg.eval.knn_k} and {cfg.eval.knn_k_large}")
     need(math.isfinite(optim.lr), "optim.lr must be finite")
+    mon = cfg.monitor
+    need(mon.collapse_check_from_step >= 0 and mon.collapse_patience >= 1,
+         "monitor.collapse_check_from_step must be >= 0 and monitor.collapse_patience >= 1")
+    need(mon.collapse_loss_band >= 0 and 0 <= mon.collapse_min_entropy <= 1,
+         "monitor.collapse_loss_band must be >= 0 and monitor.collapse_min_entropy in [0, 1]")
+    need(mon.knn_every >= 0 and mon.knn_max_samples >= 0,
+         "monitor.knn_every (0 = off) and monitor.knn_max_samples (0 = all) must be >= 0")
+    need(mon.knn_every == 0 or ((mon.knn_train_shards or cfg.eval.train_shards)
+                                and (mon.knn_test_shards or cfg.eval.test_shards)),
+         "monitor.knn_every > 0 needs labelled shards: set monitor.knn_train_shards and monitor.knn_test_shards "
+         "(or eval.train_shards and eval.test_shards)")
+    ft = cfg.finetune
+    need(ft.steps > 0 and ft.batch_size > 0 and ft.image_size > 0,
+         "finetune.steps, finetune.batch_size and finetune.image_size must be > 0")
+    need(0 < ft.crop_scale[0] <= ft.crop_scale[1] <= 1,
+         f"finetune.crop_scale must satisfy 0 < low <= high <= 1, got {list(ft.crop_scale)}")
+    need(0 < ft.lr < math.inf and 0 <= ft.momentum < 1, "finetune.lr must be > 0 and finetune.momentum in [0, 1)")
+    need(ft.warmup_steps >= 0 and ft.weight_decay >= 0 and ft.log_every > 0,
+         "finetune.warmup_steps and finetune.weight_decay must be >= 0, finetune.log_every > 0")
+    need(0 <= ft.label_smoothing < 1, f"finetune.label_smoothing must be in [0, 1), got {ft.label_smoothing}")
+    need(ft.precision in ("fp32", "bf16"), f"finetune.precision must be fp32 or bf16, got {ft.precision!r}")
+    need(ft.zero_stage in (0, 1, 2, 3), f"finetune.zero_stage must be 0, 1, 2 or 3, got {ft.zero_stage}")

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +85,16 @@ def shutdown_and_exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_rank_and_exit(work: Callable[[], dict]) -> None:
+    """A launched rank's whole life: run `work`, print its JSON result on rank 0, report an error, exit cleanly."""
+    try:
+        result = work()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
+        code = 0
+    except BaseException:  # print it here: shutdown_and_exit skips the interpreter's own report
+        traceback.print_exc()
+        code = 1
+    shutdown_and_exit(code)

@@ -1,6 +1,13 @@
-"""Evaluation of frozen features: weighted kNN classification (as in SwAV/DINO's kNN protocol)."""
+"""Evaluation of frozen features: weighted kNN (SwAV/DINO's protocol), linear and low-shot probes.
+
+Features are extracted once per (weights, shards, preprocessing) and cached on disk beside the weights file, so
+running another protocol, or the same one again, does not pass the images through the backbone again.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -9,30 +16,18 @@ from torch import nn
 from tqdm import tqdm
 
 from dataloading.pipeline import build_eval_loader
-from engine.models import build_backbone
 from engine.probes import linear_probe, low_shot_probe
-
-
-def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """A backbone saved by pretraining (`backbone_init.pt` / `backbone_final.pt`), in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights not found: {path}")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    backbone = build_backbone(saved["backbone"], in_chans=saved["in_chans"])
-    backbone.load_state_dict(saved["state_dict"])
-    return backbone.to(device).eval()
 
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module | None, loader, device: torch.device, channels_last: bool = True,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalized features of every sample (raw pixels when `backbone` is None) and their labels."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if backbone is not None:
         backbone = backbone.to(memory_format=memory_format)
     features, labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
         images = batch["image"].to(device)
         out = images.flatten(1) if backbone is None else backbone(images.contiguous(memory_format=memory_format))
         features.append(F.normalize(out.float(), dim=1).cpu())
@@ -57,18 +52,69 @@ def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_feat
     return correct / len(test_labels)
 
 
-def split_features(backbone: nn.Module | None, cfg, device: torch.device | str = "cpu",
-                   image_size: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Features and labels of cfg.eval's train and test shards, extracted once for every protocol."""
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes: names the weights in feature-cache keys, so an overwritten file is never stale."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Features of one weights file, stored in `directory` under a key of everything that determines them."""
+
+    def __init__(self, directory: str | Path, weights_digest: str):
+        self.directory = Path(directory)
+        self.weights_digest = weights_digest
+
+    @classmethod
+    def beside(cls, weights_path: str | Path) -> "FeatureCache":
+        """The cache of a weights file: `feature_cache/` in the file's folder."""
+        weights_path = Path(weights_path)
+        return cls(weights_path.parent / "feature_cache", file_digest(weights_path))
+
+    def path(self, shards: str, **preprocessing) -> Path:
+        manifest = (Path(shards) / "manifest.json").read_bytes()  # the packed content; shards are written once
+        key = json.dumps({"weights": self.weights_digest, "manifest": hashlib.sha256(manifest).hexdigest(),
+                          **preprocessing}, sort_keys=True)
+        return self.directory / f"{Path(shards).name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+
+    def load(self, path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not path.is_file():
+            return None
+        saved = torch.load(path, weights_only=True)
+        return saved["features"], saved["labels"]
+
+    def save(self, path: Path, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".partial{os.getpid()}")
+        torch.save({"features": features, "labels": labels}, partial)
+        os.replace(partial, path)  # readers never see half a file
+
+
+def split_features(backbone: nn.Module | None, cfg, device: torch.device | str = "cpu", image_size: int | None = None,
+                   cache: FeatureCache | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Features and labels of cfg.eval's train and test shards, extracted once for every protocol (and cached
+    across calls when `cache` is given and cfg.eval.feature_cache is on)."""
     device = torch.device(device)
     size = image_size or cfg.eval.image_size
+    cache = cache if cfg.eval.feature_cache else None
     features = {}
     for split, shards in (("train", cfg.eval.train_shards), ("test", cfg.eval.test_shards)):
+        cache_path = cache.path(shards, size=size, channels=cfg.data.channels, mean=list(cfg.data.mean),
+                                std=list(cfg.data.std)) if cache else None
+        cached = cache.load(cache_path) if cache else None
+        if cached is not None:
+            features[split] = cached
+            continue
         loader = build_eval_loader(shards, size=size, channels=cfg.data.channels, mean=cfg.data.mean,
                                    std=cfg.data.std, batch_size=cfg.eval.batch_size, num_threads=cfg.data.num_threads,
                                    device=device.type,
                                    device_id=(device.index or 0) if device.type == "cuda" else None)
         features[split] = extract_features(backbone, loader, device, cfg.model.channels_last, desc=f"{split} features")
+        if cache:
+            cache.save(cache_path, *features[split])
     return features
 
 
@@ -76,17 +122,21 @@ PROTOCOLS = ("knn", "linear", "lowshot")
 
 
 def evaluate(backbone: nn.Module | None, cfg, protocols=("knn",), device: torch.device | str = "cpu",
-             image_size: int | None = None) -> dict[str, float]:
-    """Top-1 of frozen features (None: raw pixels) under each protocol: weighted kNN (cfg.eval.knn_k), a linear
-    probe on all train labels, and low-shot linear probes on 1% and 10% of them (mean and std of 3 draws)."""
+             image_size: int | None = None, cache: FeatureCache | None = None) -> dict[str, float]:
+    """Top-1 of frozen features (None: raw pixels) under each protocol: weighted kNN (k = cfg.eval.knn_k, and
+    cfg.eval.knn_k_large unless 0), a linear probe on all train labels, and low-shot linear probes on 1% and 10% of
+    them (mean and std of 3 draws)."""
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown evaluation protocol {sorted(unknown)[0]!r}; choose from {', '.join(PROTOCOLS)}")
-    (train_x, train_y), (test_x, test_y) = split_features(backbone, cfg, device, image_size).values()
+    (train_x, train_y), (test_x, test_y) = split_features(backbone, cfg, device, image_size, cache).values()
     results = {}
     if "knn" in protocols:
         results["knn_top1"] = knn_top1(train_x, train_y, test_x, test_y, k=cfg.eval.knn_k,
                                        temperature=cfg.eval.knn_temperature)
+        if cfg.eval.knn_k_large:
+            results[f"knn_top1_k{cfg.eval.knn_k_large}"] = knn_top1(
+                train_x, train_y, test_x, test_y, k=cfg.eval.knn_k_large, temperature=cfg.eval.knn_temperature)
     if "linear" in protocols:
         results["linear_top1"] = linear_probe(train_x, train_y, test_x, test_y)["top1"]
     if "lowshot" in protocols:

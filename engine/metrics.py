@@ -37,29 +37,60 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss(metrics_path: str | Path, png_path: str | Path, num_prototypes: int | None = None) -> Path:
-    """Loss (and lr) against step, with ln(K) — the loss of uniform predictions, i.e. collapse — marked."""
+def run_records(path: str | Path) -> list[dict]:
+    """The training records of a metrics.jsonl, one per step in step order: after a resume from an earlier
+    checkpoint the steps since it are logged again, and the later record wins."""
+    return sorted({r["step"]: r for r in read_metrics(path) if "loss" in r}.values(), key=lambda r: r["step"])
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    return plt
+
+
+def _save(fig, png_path: str | Path) -> Path:
+    png_path = Path(png_path)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    _pyplot().close(fig)
+    return png_path
+
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path, num_prototypes: int | None = None) -> Path:
+    """Loss (and lr) against step, with ln(K) — the loss of uniform predictions, i.e. collapse — marked."""
+    records = run_records(metrics_path)
     steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], label="SwAV loss")
     if num_prototypes:
-        ax.axhline(math.log(num_prototypes), color="gray", linestyle="--", label=f"ln K = {math.log(num_prototypes):.2f}")
+        ln_k = math.log(num_prototypes)
+        ax.axhline(ln_k, color="gray", linestyle="--", label=f"ln K = {ln_k:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    handles = ax.get_lines()
     if records and "lr" in records[0]:
         lr_axis = ax.twinx()
-        lr_axis.plot(steps, [r["lr"] for r in records], color="tab:orange", alpha=0.5, label="lr")
+        handles += lr_axis.plot(steps, [r["lr"] for r in records], color="tab:orange", alpha=0.5, label="lr")
         lr_axis.set_ylabel("learning rate")
-    ax.legend(loc="upper right")
+    ax.legend(handles=handles, loc="upper right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    return _save(fig, png_path)
+
+
+def plot_series(png_path: str | Path, series: dict[str, tuple[list[float], list[float]]], ylabel: str,
+                reference: tuple[float, str] | None = None) -> Path:
+    """Named (steps, values) curves on one axis against step; `reference`: a dashed (value, label) line."""
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
+    for label, (steps, values) in series.items():
+        ax.plot(steps, values, marker="o" if len(steps) < 20 else None, label=label)
+    if reference is not None:
+        ax.axhline(reference[0], color="gray", linestyle="--", label=reference[1])
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+    return _save(fig, png_path)

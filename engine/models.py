@@ -10,6 +10,8 @@ from timm.models.regnet import RegNet, RegNetCfg
 from torch import nn
 
 import kernels
+from engine.activation_checkpointing import enable_activation_checkpointing
+from engine.batchnorm import sync_batch_norm
 
 # name -> timm model name, or a RegNetCfg for sizes timm has no name for. Trunk parameter counts (no classifier)
 # are in ../shared/SEER_RECIPE.md; tests/test_models.py checks them on the meta device.
@@ -65,10 +67,30 @@ class SwAVHead(nn.Module):
         # Unit-norm rows, kept in fp32 whatever the compute dtype; the trainer re-normalizes them after every step.
         self.prototypes = nn.Parameter(F.normalize(torch.randn(num_prototypes, embedding_dim), dim=1))
         self.swav_options = swav_options
+        self.num_prototypes = num_prototypes
+        # Histogram of the assigned crops' nearest prototypes over the training forwards since the last
+        # take_assignment_counts(): the collapse monitor's prototype-usage statistics (engine/monitor.py).
+        self.assignment_counts: torch.Tensor | None = None
 
     def forward(self, features: torch.Tensor, n_crops: int) -> torch.Tensor:
         embeddings = self.projection(features)
+        if self.training:
+            self._count_assignments(embeddings.detach(), n_crops)
         return kernels.swav_loss(embeddings, self.prototypes, n_crops=n_crops, **self.swav_options)
+
+    @torch.no_grad()
+    def _count_assignments(self, embeddings: torch.Tensor, n_crops: int) -> None:
+        # Here, not in the loss kernels: under ZeRO-3 the prototypes are gathered only during this forward. One
+        # (assigned crops x B) x K score matrix, small next to the backbone.
+        assigned = embeddings.view(n_crops, -1, embeddings.shape[1])[list(self.swav_options["crops_for_assign"])]
+        nearest = (F.normalize(assigned.flatten(0, 1).float(), dim=1) @ self.prototypes.float().T).argmax(dim=1)
+        counts = torch.bincount(nearest, minlength=self.num_prototypes)
+        self.assignment_counts = counts if self.assignment_counts is None else self.assignment_counts + counts
+
+    def take_assignment_counts(self) -> torch.Tensor | None:
+        """This rank's assignment histogram (K int64 counts; None if no training forward ran) and a reset."""
+        counts, self.assignment_counts = self.assignment_counts, None
+        return counts
 
 
 class SwAVModel(nn.Module):
@@ -97,9 +119,16 @@ class SwAVModel(nn.Module):
         return self.head(torch.cat(features).float(), n_crops=len(crops))
 
 
-def build_swav_model(cfg, group=None) -> SwAVModel:
-    """The SwAV model described by a Config (engine.config); `group` spans the ranks Sinkhorn balances over."""
+def build_swav_model(cfg, group=None, bn_group=None) -> SwAVModel:
+    """The SwAV model described by a Config (engine.config); `group` spans the ranks Sinkhorn balances over,
+    `bn_group` the ranks sharing BatchNorm statistics (engine.batchnorm.batch_norm_group; None: per rank)."""
     backbone = build_backbone(cfg.model.backbone, in_chans=cfg.data.channels)
+    enable_activation_checkpointing(backbone, cfg.model.activation_checkpointing)
+    if cfg.model.init_weights:
+        from engine.export import load_weights_into, read_weights  # here: engine.export imports this module
+
+        load_weights_into(backbone, read_weights(cfg.model.init_weights),
+                          f"backbone {cfg.model.backbone} (in_chans={cfg.data.channels})", label="model.init_weights")
     swav = cfg.swav
     head = SwAVHead(
         backbone.num_features, cfg.model.head_hidden_dims, cfg.model.embedding_dim, cfg.model.num_prototypes,
@@ -107,4 +136,4 @@ def build_swav_model(cfg, group=None) -> SwAVModel:
         dict(crops_for_assign=tuple(swav.crops_for_assign), temperature=swav.temperature, epsilon=swav.epsilon,
              sinkhorn_iterations=swav.sinkhorn_iterations, group=group, backend=swav.backend),
     )
-    return SwAVModel(backbone, head, channels_last=cfg.model.channels_last)
+    return sync_batch_norm(SwAVModel(backbone, head, channels_last=cfg.model.channels_last), bn_group)

@@ -6,14 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import subprocess
 import sys
 import time
-import traceback
-from contextlib import nullcontext
 from pathlib import Path
 
 import deepspeed
@@ -25,47 +21,66 @@ from deepspeed.utils import safe_set_full_fp32_param
 from tqdm import tqdm
 
 from dataloading.pipeline import build_train_loader
+from engine.batchnorm import batch_norm_group
 from engine.checkpoint import Checkpointer
-from engine.config import Config, load_config
-from engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown_and_exit
+from engine.config import Config, ConfigError, load_config
+from engine.distributed import DistInfo, all_reduce_mean, init_distributed, run_rank_and_exit
 from engine.metrics import MetricsWriter
 from engine.models import build_swav_model
+from engine.monitor import TrainingMonitor
 from engine.optim import build_optimizer, schedules
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON, generated from the resolved config (no second config file to keep in step)."""
+def deepspeed_config(*, batch_size: int, world_size: int, zero_stage: int, gradient_clipping: float,
+                     precision: str) -> dict:
+    """The DeepSpeed JSON, generated from the resolved config (no second config file to keep in step).
+
+    batch_size is per rank; shared by pretraining and fine-tuning. precision bf16/fp16 is DeepSpeed's torch_autocast
+    (SEER's mixed precision): fp32 weights and optimizer, convolutions and linear layers in 16 bits, their gradients
+    all-reduced in 16 bits; fp16 adds dynamic loss scaling.
+    """
+    autocast = {"enabled": precision != "fp32", **({"dtype": _AUTOCAST_DTYPES[precision]} if precision != "fp32" else {})}
     return {
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "train_batch_size": cfg.train.batch_size * world_size,
+        "torch_autocast": autocast,
+        "train_micro_batch_size_per_gpu": batch_size,
+        "train_batch_size": batch_size * world_size,
         "gradient_accumulation_steps": 1,
         # Explicit: DeepSpeed clips the gradient norm at 1.0 unless told otherwise, which silently shrinks the
         # plain-SGD steps of biases and norm parameters (LARS' trust ratio hides it for the weights).
-        "gradient_clipping": cfg.optim.gradient_clipping,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "gradient_clipping": gradient_clipping,
+        "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,  # our LARS/SGD is a client optimizer
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
 
 
+_AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
 class Pretrainer:
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool | None = None):
+        """resume: True = train.resume=must (the --resume flag), False = never, None = as train.resume says."""
         self.cfg = cfg
         self.dist: DistInfo = init_distributed()
+        if cfg.train.precision == "fp16" and self.dist.device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA GPU (its loss scaling is GPU-only here); "
+                              "use bf16 or fp32 on CPU")
         self.output_dir = Path(cfg.train.output_dir)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", self.dist.rank)
-        if not resume and self.checkpointer.latest_step() is not None:
-            raise FileExistsError(
-                f"{self.checkpointer.directory} already holds checkpoints: pass --resume to continue that run "
-                f"or set train.output_dir to a new folder"
-            )
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", self.dist.rank, self.dist.world_size,
+                                         keep=cfg.train.keep_checkpoints)
+        resume_tag = self.checkpointer.resume_tag({True: "must", False: "never", None: cfg.train.resume}[resume])
         torch.manual_seed(cfg.train.seed)
-        model = build_swav_model(cfg, group=self.dist.group).to(self.dist.device)
+        model = build_swav_model(cfg, group=self.dist.group,
+                                 bn_group=batch_norm_group(cfg.model.sync_bn_group_size)).to(self.dist.device)
+        optimizer = build_optimizer(model, cfg.optim)
         self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, cfg.optim),
-            config=deepspeed_config(cfg, self.dist.world_size),
+            model=model, optimizer=optimizer,
+            config=deepspeed_config(batch_size=cfg.train.batch_size, world_size=self.dist.world_size,
+                                    zero_stage=cfg.train.zero_stage, gradient_clipping=cfg.optim.gradient_clipping,
+                                    precision=cfg.train.precision),
         )
+        optimizer.attach_zero_layout(self.engine)  # LARS norms of whole parameters, not of ZeRO's partitions
         self.model = self.engine.module
         if cfg.train.zero_stage == 0:
             # After initialize: DeepSpeed's start-up broadcast needs dense parameters, and ZeRO >= 1 keeps
@@ -77,19 +92,24 @@ class Pretrainer:
         self.loader = build_train_loader(
             cfg.data, batch_size=cfg.train.batch_size, shard_id=self.dist.rank, num_shards=self.dist.world_size,
             device=self.dist.device.type, device_id=self.dist.local_rank if self.dist.device.type == "cuda" else None,
+            channels_last=self.model.memory_format == torch.channels_last,
         )
         self.step = 0
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "git_commit": _git_commit()}))
-        state = self.checkpointer.load(self.engine) if resume else None
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "git_commit": git_commit()}))
+        state = self.checkpointer.load(self.engine, resume_tag, cfg.to_dict()) if resume_tag else None
         if state is not None:
             self.step = state["step"]
-            self.loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["rng"])
+            if "resharded_from" in state:  # another world size or ZeRO stage: the loader starts a new pass
+                self.loader.epoch = state["loader"]["epoch"]
+            else:
+                self.loader.load_state_dict(state["loader"])
+                torch.set_rng_state(state["rng"])
         else:
             self.save_backbone(self.output_dir / "backbone_init.pt")
         self.metrics = MetricsWriter(self.output_dir, enabled=self.dist.is_main)
+        self.monitor = TrainingMonitor(cfg, self.dist, self.model, start_step=self.step)
 
     def train(self) -> dict:
         cfg, steps = self.cfg.train, self.cfg.train.steps
@@ -113,11 +133,14 @@ class Pretrainer:
                     "loss": all_reduce_mean(window_loss / window_steps).item(),
                     "lr": self.lr["weights"][self.step - 1],
                     "img_per_s": window_steps * cfg.batch_size * self.dist.world_size / elapsed,
+                    "images_seen": self.step * cfg.batch_size * self.dist.world_size,
                     "data_time_share": data_time / elapsed,
                     "epoch": self.loader.epoch,
+                    "bad_samples": self.loader.bad_samples,  # replaced by the loader's guard so far (this rank)
                 }
                 if not math.isfinite(record["loss"]):
                     raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; see {self.metrics.path}")
+                record.update(self.monitor.record(self.step, record["loss"]))  # kNN time stays out of img/s
                 self.metrics.write(self.step, **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
                 window_loss, window_start, data_time, window_steps = zero.clone(), time.perf_counter(), 0.0, 0
@@ -130,10 +153,7 @@ class Pretrainer:
     def train_step(self, crops: list[torch.Tensor]) -> torch.Tensor:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.lr[group["name"]][self.step]
-        autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
-                    if self.cfg.train.precision == "bf16" else nullcontext())
-        with autocast:
-            loss = self.engine(crops)
+        loss = self.engine(crops)  # under autocast when train.precision asks (DeepSpeed's torch_autocast)
         self.engine.backward(loss)
         self.engine.step()
         self.normalize_prototypes()
@@ -176,13 +196,14 @@ class Pretrainer:
 
     def save_checkpoint(self) -> None:
         self.checkpointer.save(self.engine, self.step,
-                               {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()})
+                               {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()},
+                               info={"config": self.cfg.to_dict()})
 
     def close(self) -> None:
         self.metrics.close()
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
@@ -190,7 +211,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def pretrain(cfg: Config, resume: bool = False) -> dict:
+def pretrain(cfg: Config, resume: bool | None = None) -> dict:
     trainer = Pretrainer(cfg, resume=resume)
     try:
         return trainer.train()
@@ -200,7 +221,10 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: the demo's embedded config)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    parser.add_argument("--resume", action="store_const", const=True, default=None,
+                        help="same as train.resume=must: continue from the newest complete checkpoint in "
+                             "train.output_dir, and fail if there is none (train.resume=auto, the default, "
+                             "starts fresh then)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
@@ -211,15 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    try:
-        result = pretrain(cfg, resume=args.resume)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(result))
-        code = 0
-    except BaseException:  # print it here: shutdown_and_exit skips the interpreter's own report
-        traceback.print_exc()
-        code = 1
-    shutdown_and_exit(code)
+    run_rank_and_exit(lambda: pretrain(cfg, resume=args.resume))
 
 
 if __name__ == "__main__":

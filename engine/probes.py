@@ -1,6 +1,8 @@
 """Linear probes on frozen features: full labels and low-shot (a class-balanced fraction of the labels)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -32,18 +34,35 @@ def accuracy(classifier: torch.nn.Linear, features: torch.Tensor, labels: torch.
         return (classifier(features.float()).argmax(1) == labels).float().mean().item()
 
 
+def _moments(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return train.mean(0), train.std(0).clamp_min(1e-6)
+
+
 def _standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    mean, std = _moments(train)
     return [(t - mean) / std for t in (train, *others)]
 
 
-def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, *, val_fraction: float = 0.1, seed: int = 0) -> dict:
-    """Test top-1 of a linear classifier whose weight decay is chosen on a held-out part of train.
+@dataclass
+class LinearProbe:
+    """A fitted probe: logits = classifier((features - mean) / std), mean and std those of its training features."""
+
+    classifier: torch.nn.Linear
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight_decay: float
+    val_top1: float  # accuracy on the held-out part of train with the chosen weight decay
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        return accuracy(self.classifier, (features - self.mean) / self.std, labels)
+
+
+def fit_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int, *,
+                     val_fraction: float = 0.1, seed: int = 0) -> LinearProbe:
+    """A linear classifier on standardized features whose weight decay is chosen on a held-out part of train.
 
     The held-out part is class-balanced at random (fixed seed); the chosen model is refitted on all of train.
     """
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     val_mask = torch.zeros(len(train_labels), dtype=torch.bool)
     for chosen in _draw_per_class(train_labels, num_classes, lambda c, n: max(1, round(val_fraction * n)), seed):
         val_mask[chosen] = True
@@ -51,9 +70,18 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     scores = {wd: accuracy(fit_logistic_regression(fit_x, train_labels[~val_mask], num_classes, wd), val_x,
                            train_labels[val_mask]) for wd in WEIGHT_DECAYS}
     best = max(scores, key=scores.get)  # ties: the smallest decay, the first listed
-    train_x, test_x = _standardize(train_features, test_features)
-    classifier = fit_logistic_regression(train_x, train_labels, num_classes, best)
-    return {"top1": accuracy(classifier, test_x, test_labels), "weight_decay": best, "val_top1": scores[best]}
+    mean, std = _moments(train_features)
+    classifier = fit_logistic_regression((train_features - mean) / std, train_labels, num_classes, best)
+    return LinearProbe(classifier, mean, std, best, scores[best])
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, *, val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Test top-1 of fit_linear_probe(train), with the chosen weight decay and its held-out accuracy."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    probe = fit_linear_probe(train_features, train_labels, num_classes, val_fraction=val_fraction, seed=seed)
+    return {"top1": probe.accuracy(test_features, test_labels), "weight_decay": probe.weight_decay,
+            "val_top1": probe.val_top1}
 
 
 def _draw_per_class(labels: torch.Tensor, num_classes: int, count, seed: int):

@@ -9,6 +9,14 @@ import pytest  # noqa: E402
 _exit_status = 0
 
 
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Packed real Fashion-MNIST shards {"train": dir, "test": dir}, made once per test session."""
+    from tiny_run import pack_class_folders
+
+    return pack_class_folders(tmp_path_factory.mktemp("fashion"))
+
+
 def pytest_sessionfinish(session, exitstatus):
     global _exit_status
     _exit_status = int(exitstatus)

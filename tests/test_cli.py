@@ -25,13 +25,18 @@ def test_missing_config_file_and_weights(tmp_path):
     assert run.returncode == 2 and f"config file not found: {tmp_path / 'nope.yaml'}" in run.stderr
     run = seer("eval", "knn", "--weights", tmp_path / "none.pt")
     assert run.returncode == 2 and "backbone weights not found" in run.stderr
+    run = seer("eval", "knn", "--weights", tmp_path / "none.pt", "eval.knn_k=3")  # overrides after an option
+    assert run.returncode == 2 and "backbone weights not found" in run.stderr
+    run = seer("eval", "knn", "--weights", tmp_path / "none.pt", "--bogus")
+    assert run.returncode == 2 and "unrecognized arguments: --bogus" in run.stderr
 
 
 def test_pack_folder_reports_kept_and_skipped(tmp_path):
     for label in ("cat", "dog"):
         (tmp_path / "src" / label).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (12, 10), (40 * i, 80, 120)).save(tmp_path / "src" / label / f"{i}.png")
+            colour = (40 * i, 80, 120 if label == "cat" else 160)  # identical files would be packed once
+            Image.new("RGB", (12, 10), colour).save(tmp_path / "src" / label / f"{i}.png")
     (tmp_path / "src" / "dog" / "notes.jpg").write_text("not an image")
     run = seer("data", "pack", tmp_path / "src", tmp_path / "out", "--workers", "1")
     assert run.returncode == 0, run.stderr

@@ -4,7 +4,12 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +25,10 @@ from dataloading.pipeline import (
     build_train_loader,
     define_eval_pipeline,
     define_train_pipeline,
+    jpeg_problem,
 )
 from dataloading.sources import load_idx
+from dataloading.torch_baseline import PillowTrainLoader
 
 N_IMAGES = 200
 CROPS = [CropGroup(32, 2, (0.4, 1.0)), CropGroup(16, 4, (0.1, 0.4))]
@@ -123,54 +130,6 @@ def test_pack_parallel_equals_serial(fashion_train, tmp_path):
         assert (tmp_path / "serial" / shard["tar"]).read_bytes() == (tmp_path / "parallel" / shard["tar"]).read_bytes()
 
 
-@pytest.fixture()
-def messy_folder(tmp_path, fashion):
-    root = tmp_path / "photos"
-    (root / "cats").mkdir(parents=True)
-    (root / "dogs").mkdir()
-    Image.fromarray(fashion[0][0]).save(root / "cats" / "gray.png")
-    Image.fromarray(np.stack([fashion[0][1]] * 3, -1)).resize((300, 200)).save(root / "cats" / "big.png")
-    jpeg = io.BytesIO()
-    Image.fromarray(np.stack([fashion[0][2]] * 3, -1)).save(jpeg, "JPEG", quality=80)
-    (root / "dogs" / "photo.jpg").write_bytes(jpeg.getvalue())
-    (root / "dogs" / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    (root / "dogs" / "notes.txt").write_text("not an image")
-    (root / "dogs" / "empty.jpg").write_bytes(b"")
-    (root / "stray.png").write_bytes((root / "cats" / "gray.png").read_bytes())
-    return root, jpeg.getvalue()
-
-
-def test_pack_folder_counts_skips_and_keeps_jpeg_bytes(messy_folder, tmp_path):
-    root, jpeg_bytes = messy_folder
-    manifest = pack(root, tmp_path / "out", max_side=64, progress=False, workers=1)
-    assert manifest["kept"] == 3 and manifest["classes"] == ["cats", "dogs"]
-    assert manifest["skipped"] == {"corrupt": 1, "not_an_image": 1, "empty": 1, "outside_class_folder": 1}
-    assert {f["path"].split("/")[-1] for f in manifest["skipped_files"]} == {"cut.jpg", "notes.txt", "empty.jpg",
-                                                                            "stray.png"}
-    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
-        samples = {}
-        for name in tar.getnames():
-            key, ext = name.split(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(name).read()
-    images = {int(s["cls"]): [] for s in samples.values()}
-    for sample in samples.values():
-        images[int(sample["cls"])].append(sample["jpg"])
-    assert jpeg_bytes in images[1]  # a valid JPEG is stored byte for byte
-    cat_sizes = sorted(Image.open(io.BytesIO(b)).size for b in images[0])
-    assert cat_sizes == [(28, 28), (64, 43)]  # PNGs re-encoded; the 300x200 one downscaled to max_side
-    assert all(Image.open(io.BytesIO(b)).format == "JPEG" for b in images[0])
-
-
-def test_pack_folder_without_labels_gives_label_minus_one(messy_folder, tmp_path):
-    root, _ = messy_folder
-    manifest = pack(root, tmp_path / "out", labels_from_folders=False, progress=False, workers=1)
-    assert manifest["classes"] is None and manifest["kept"] == 4  # the stray PNG counts now
-    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
-        assert all(name.endswith(".jpg") for name in tar.getnames())
-    loader = build_train_loader(train_config(tmp_path / "out"), batch_size=2)
-    assert next(loader)["label"].tolist() == [-1, -1]
-
-
 def test_missing_or_empty_shards_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
         build_train_loader(train_config(tmp_path / "nowhere"), batch_size=4)
@@ -190,6 +149,7 @@ def test_train_loader_yields_multicrop_batches(shards, fashion, channels):
     batch = next(loader)
     assert [tuple(c.shape) for c in batch["crops"]] == [(16, channels, s, s) for s in loader.crop_sizes]
     assert all(c.dtype == torch.float32 and c.device.type == "cpu" for c in batch["crops"])
+    assert all(c.is_contiguous(memory_format=torch.channels_last) for c in batch["crops"])  # the default
     assert batch["label"].dtype == torch.int64
     assert batch["label"].tolist() == fashion[1][batch["index"].numpy()].tolist()
     assert len(set(batch["index"].tolist())) == 16
@@ -251,7 +211,7 @@ def test_resume_refuses_another_rank_layout(shards):
 
 def test_flip_happens_about_half_the_time(shards):
     # No other augmentation and the full image as crop: a crop equals the image or its mirror.
-    augment = AugmentConfig(flip_p=0.5, color_jitter_p=0.0)
+    augment = AugmentConfig(flip_p=0.5, color_jitter_p=0.0, blur_p=0.0)
     cfg = train_config(shards, crops=[CropGroup(28, 1, (1.0, 1.0))], augment=augment)
     eval_images = {}
     for batch in build_eval_loader(shards, size=28, batch_size=64, with_index=True, **GRAY):
@@ -278,6 +238,251 @@ def test_grayscale_p_one_gives_gray_rgb_crops(tmp_path):
         crops = next(build_train_loader(train_config(tmp_path / "shards", augment=augment, **rgb), batch_size=8))
         spread = (crops["crops"][0] - crops["crops"][0].mean(1, keepdim=True)).abs().max()
         assert (spread < 0.05) == gray  # channels equal (up to rounding) only when made gray
+
+
+def test_bfloat16_output_is_the_float32_output_rounded(shards):
+    first = next(build_train_loader(train_config(shards, seed=5), batch_size=8))
+    other = next(build_train_loader(train_config(shards, seed=5, output_dtype="bfloat16"), batch_size=8,
+                                    channels_last=False))
+    for full, half in zip(first["crops"], other["crops"]):
+        assert half.dtype == torch.bfloat16 and half.is_contiguous()
+        assert torch.equal(full.to(torch.bfloat16), half)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(output_dtype="float16"), "data.output_dtype must be one of float32, bfloat16"),
+    (dict(augment=AugmentConfig(blur_p=1.5)), r"data.augment.blur_p is a probability"),
+    (dict(augment=AugmentConfig(blur_sigma=(0.0, 2.0))), r"data.augment.blur_sigma must satisfy 0 < low"),
+    (dict(crops=[CropGroup(16, 2, (0.5, 1.0), solarize_p=-0.1)]), r"data.crops\[0\].solarize_p is a probability"),
+])
+def test_bad_augment_settings_name_the_key(shards, change, message):
+    with pytest.raises(ValueError, match=message):
+        build_train_loader(train_config(shards, **change), batch_size=8)
+    with pytest.raises(ValueError, match=message):
+        PillowTrainLoader(train_config(shards, **change), batch_size=8, num_workers=0)
+
+
+# ------------------------------------------------------------------------------------------------------ guard
+def _jpeg(image: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def _photo_like(seed: int, size=(48, 64)) -> np.ndarray:
+    """Smooth random colours plus noise: not constant, so it cannot pass for the guard's gray stand-in."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize(size[::-1], Image.Resampling.BILINEAR), dtype=np.int16)
+    return np.clip(smooth + rng.integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def _patched(data: bytes, marker: bytes, offset: int, value: bytes) -> bytes:
+    """data with `value` written `offset` bytes after the first `marker` (a segment of a Pillow-written JPEG)."""
+    at = data.index(marker) + offset
+    return data[:at] + value + data[at + len(value):]
+
+
+def bad_samples() -> dict[str, bytes]:
+    """Encoded samples that DALI's decoder must not see, by what is wrong with them."""
+    good = _jpeg(_photo_like(0))
+    png = io.BytesIO()
+    Image.fromarray(_photo_like(0)).save(png, "PNG")
+    rng = np.random.default_rng(1)
+    return {
+        "empty": b"",
+        "text": b"<html><body>404 Not Found</body></html>",
+        "png": png.getvalue(),
+        "zeros": bytes(5000),
+        "truncated": good[: len(good) // 2],
+        "truncated_header": good[:100],
+        "garbled_header": good[:2] + rng.integers(0, 256, 300, dtype=np.uint8).tobytes() + good[302:],
+        "jpeg_magic_then_garbage": b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
+        + b"\xff\xd9",
+        "undefined_quant_table": _patched(good, b"\xff\xc0", 12, b"\x03"),
+        "12_bit": _patched(good, b"\xff\xc0", 4, b"\x0c"),
+        "too_many_pixels": _patched(good, b"\xff\xc0", 5, b"\x4e\x20\x4e\x20"),  # 20000 x 20000
+        "too_tall": _patched(good, b"\xff\xc0", 5, b"\xab\x30"),  # 43824 px: crashed DALI's random_resized_crop
+        "bad_huffman_table": _patched(good, b"\xff\xc4", 5, b"\x02\x00"),  # two 1-bit codes: no prefix code
+    }
+
+
+def test_jpeg_problem_accepts_decodable_jpegs_and_says_what_is_wrong():
+    image = _photo_like(0)
+    cmyk = io.BytesIO()
+    Image.fromarray(image).convert("CMYK").save(cmyk, "JPEG")
+    good = {
+        "baseline": _jpeg(image),
+        "progressive": _jpeg(image, progressive=True),
+        "gray": _jpeg(image[..., 0]),
+        "4:4:4, optimized tables": _jpeg(image, subsampling=0, optimize=True),
+        "cmyk": cmyk.getvalue(),
+        "trailing data": _jpeg(image) + b"appended by a camera" * 10,
+    }
+    for name, data in good.items():
+        assert jpeg_problem(data) is None, name
+        assert jpeg_problem(np.frombuffer(data, dtype=np.uint8)) is None  # what DALI hands the guard
+    expected = {"empty": "empty", "text": "not a JPEG", "png": "not a JPEG", "zeros": "not a JPEG",
+                "truncated": "truncated", "truncated_header": "truncated",
+                "undefined_quant_table": "quantization table not defined", "12_bit": "12-bit",
+                "too_many_pixels": "too many pixels", "too_tall": "a side longer than 32768 px",
+                "bad_huffman_table": "corrupt Huffman table"}
+    for name, data in bad_samples().items():
+        problem = jpeg_problem(data)
+        assert problem is not None, name
+        assert expected.get(name, problem) in problem, (name, problem)
+
+
+def write_foreign_shard(folder, images: list[bytes]) -> None:
+    """A webdataset shard as another tool would write it, without validation: tarfile, DALI's wds2idx index, and
+    the minimal manifest the loaders read."""
+    wds2idx = pytest.importorskip("wds2idx")
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "shard.tar", "w") as tar:
+        for key, data in enumerate(images):
+            info = tarfile.TarInfo(f"{key:010d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    creator = wds2idx.IndexCreator(str(folder / "shard.tar"), str(folder / "shard.idx"), verbose=False)
+    creator.create_index()
+    creator.close()
+    manifest = {"kept": len(images), "classes": None, "shards": [{"tar": "shard.tar", "idx": "shard.idx"}]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def foreign_shard(tmp_path_factory):
+    """64 samples at batch 32 (where non-image bytes crash an unguarded DALI); the bad ones at known keys."""
+    bad = list(bad_samples().values())
+    positions = {3 + 5 * i: data for i, data in enumerate(bad)}
+    images = [positions.get(key, _jpeg(_photo_like(key))) for key in range(64)]
+    folder = tmp_path_factory.mktemp("foreign") / "shards"
+    write_foreign_shard(folder, images)
+    return folder, sorted(positions)
+
+
+def _run_python(code: str, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+GUARDED_RUN = """
+import json, sys
+from dataloading.config import AugmentConfig, CropGroup, DataConfig
+from dataloading.pipeline import build_train_loader
+
+plain = AugmentConfig(flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+cfg = DataConfig(train_shards=sys.argv[1], crops=[CropGroup(24, 2, (0.5, 1.0))], augment=plain,
+                 mean=(0.5,) * 3, std=(0.25,) * 3)
+loader = build_train_loader(cfg, batch_size=32, with_index=True)
+counts, gray = [], set()
+for step in range(4):  # two epochs
+    batch = next(loader)
+    counts.append(loader.bad_samples)
+    spread = batch["crops"][0].flatten(1).std(1)
+    gray |= {int(key) for key, s in zip(batch["index"], spread) if s < 1e-3}
+    if step == 1:
+        state = loader.state_dict()
+resumed = build_train_loader(cfg, batch_size=32, with_index=True)
+resumed.load_state_dict(state)
+resumed_counts = [resumed.bad_samples] + [next(resumed) and resumed.bad_samples for _ in range(2)]
+print(json.dumps({"counts": counts, "gray": sorted(gray), "resumed": resumed_counts}))
+"""
+
+
+def test_guard_replaces_and_counts_bad_samples(foreign_shard):
+    folder, bad_keys = foreign_shard
+    run = _run_python(GUARDED_RUN, folder)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    n_bad = len(bad_keys)
+    assert result["counts"][1] == n_bad and result["counts"][3] == 2 * n_bad  # every bad sample, once per epoch
+    assert result["gray"] == bad_keys  # exactly the bad samples became gray images
+    assert result["resumed"] == result["counts"][1:]  # the count is part of the loader state
+    assert run.stderr.count("replaced a bad sample") >= n_bad and "0000000003.jpg" in run.stderr  # names the file
+
+
+UNGUARDED_RUN = """
+import sys
+from dataloading.config import DataConfig
+from dataloading.pipeline import define_train_pipeline
+
+pipe, _ = define_train_pipeline(DataConfig(train_shards=sys.argv[1]), batch_size=32, guard=False)
+pipe.build()
+for _ in range(4):
+    pipe.run()
+print("survived")
+"""
+
+
+def test_without_the_guard_the_same_shard_kills_the_run(foreign_shard):
+    run = _run_python(UNGUARDED_RUN, foreign_shard[0])
+    assert run.returncode != 0 and "survived" not in run.stdout  # an exception, or a segfault (rc -11)
+
+
+def test_damaged_jpegs_that_the_guard_accepts_decode_without_error(tmp_path):
+    # Random byte changes anywhere in small JPEGs (mostly headers and tables): what jpeg_problem lets through must
+    # decode in DALI, or the guard would not prevent the crash it exists for.
+    rng = np.random.default_rng(3)
+    sources = [_jpeg(_photo_like(seed), progressive=seed % 2 == 1) for seed in range(8)]
+    accepted, rejected = [], 0
+    while len(accepted) < 64:
+        data = bytearray(sources[len(accepted) % len(sources)])
+        for at in rng.integers(2, len(data), rng.integers(1, 5)):
+            data[at] = rng.integers(0, 256)
+        if jpeg_problem(bytes(data)) is None:
+            accepted.append(bytes(data))
+        else:
+            rejected += 1
+    assert rejected > 10  # the damage is real: many of the damaged files were refused
+    write_foreign_shard(tmp_path / "damaged", accepted)
+    run = _run_python(UNGUARDED_RUN, tmp_path / "damaged")
+    assert run.returncode == 0 and "survived" in run.stdout, run.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------- Pillow baseline
+def test_pillow_baseline_gives_the_dali_batch_structure(shards, fashion):
+    cfg = train_config(shards)
+    torch.manual_seed(0)
+    pillow = PillowTrainLoader(cfg, batch_size=40, num_workers=0)
+    dali = build_train_loader(cfg, batch_size=40)
+    assert (pillow.crop_sizes, pillow.steps_per_epoch) == (dali.crop_sizes, dali.steps_per_epoch)
+    epoch = take(pillow, pillow.steps_per_epoch)
+    reference = next(dali)
+    for got, expected in zip(epoch[0]["crops"], reference["crops"]):
+        assert got.shape == expected.shape and got.dtype == expected.dtype == torch.float32
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    low, high = (0 - GRAY["mean"][0]) / GRAY["std"][0], (1 - GRAY["mean"][0]) / GRAY["std"][0]
+    crops = torch.cat([c.flatten() for batch in epoch for c in batch["crops"]])
+    assert low - 1e-5 <= crops.min() and crops.max() <= high + 1e-5 and crops.std() > 0.3
+    labels = torch.cat([batch["label"] for batch in epoch])
+    assert Counter(labels.tolist()) == Counter(fashion[1].tolist())  # one epoch: every sample once, labelled
+    assert next(pillow) and pillow.epoch == 1
+
+
+def test_pillow_baseline_in_a_worker_process(shards, fashion):
+    loader = PillowTrainLoader(train_config(shards, output_dtype="bfloat16"), batch_size=40, num_workers=1)
+    epoch = take(loader, loader.steps_per_epoch)
+    assert all(c.dtype == torch.bfloat16 and c.is_contiguous(memory_format=torch.channels_last)
+               for batch in epoch for c in batch["crops"])
+    labels = torch.cat([batch["label"] for batch in epoch])
+    assert Counter(labels.tolist()) == Counter(fashion[1].tolist())
+    loader.close()
+
+
+def test_data_benchmark_runs_and_records_the_command(shards, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).parents[1] / "benchmarks" / "data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = [str(shards), "--threads", "1", "--batch-size", "8", "--batches", "2", "--warmup", "1",
+            "--providers", "dali", "pillow", "--out", str(tmp_path / "data.json")]
+    bench.main(argv)
+    records = json.loads((tmp_path / "data.json").read_text())
+    assert [r["provider"] for r in records] == ["dali", "pillow"]
+    assert all(r["img_per_s"] > 0 and r["samples"] == N_IMAGES and r["loader_threads"] == 1 for r in records)
+    assert records[0]["command"] == "seer bench data " + " ".join(argv) and records[0]["bad_samples"] == 0
+    assert records[0]["recipe"]["crops"][0] == {"size": 224, "count": 2, "scale": [0.14, 1.0]}
 
 
 # ------------------------------------------------------------------------------------------------ eval loader
@@ -307,9 +512,15 @@ def test_eval_loader_shards_split_samples_exactly(shards):
 # -------------------------------------------------------------------------------------------------- GPU graph
 @pytest.mark.parametrize("channels", [1, 3])
 def test_gpu_graphs_serialize_without_a_gpu(shards, channels):
+    # guard=False: DALI cannot serialize the guard's Python operator; it runs on the CPU side of both graphs and
+    # is tested by running the CPU graph (test_guard_replaces_and_counts_bad_samples).
     stats = dict(channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels)
-    train, names = define_train_pipeline(train_config(shards, **stats), batch_size=8, device="cuda", device_id=None)
+    augment = AugmentConfig(blur_p=0.5, solarize_p=0.2, grayscale_p=0.2)
+    cfg = train_config(shards, augment=augment, **stats)
+    train, names = define_train_pipeline(cfg, batch_size=8, device="cuda", device_id=None, guard=False)
     assert names[-1] == "label" and len(names) == 7
-    assert b"mixed" in train.serialize()
-    evaluation, _ = define_eval_pipeline(shards, size=32, batch_size=8, device="cuda", **stats)
+    graph = train.serialize()
+    assert b"mixed" in graph and b"GaussianBlur" in graph and b"CropMirrorNormalize" in graph
+    assert b"Hsv" in graph or channels == 1
+    evaluation, _ = define_eval_pipeline(shards, size=32, batch_size=8, device="cuda", guard=False, **stats)
     assert b"mixed" in evaluation.serialize()

@@ -10,7 +10,6 @@ compare.
 """
 
 import datetime
-import gc
 import os
 from typing import NamedTuple
 
@@ -20,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from engine.distributed import free_port
+from engine.distributed import free_port, shutdown_and_exit
 from kernel_checks import assert_close
 from kernels import sinkhorn, swav_loss
 
@@ -110,11 +109,7 @@ def _worker(rank, port, inputs_path, out_dir):
             loss=loss.detach(), embeddings_grad=embeddings.grad / WORLD, prototypes_grad=prototypes.grad / WORLD
         )
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    # Leave without the interpreter's shutdown, which races with gloo's threads (see PLATFORM.md).
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    shutdown_and_exit(0)  # not the interpreter's shutdown, which races with gloo's threads
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,45 @@ def test_lars_matches_the_formula():
     torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_pieces_of_parameters_in_flat_tensors_step_as_the_whole_parameters():
+    """As under ZeRO: the optimizer steps flat tensors holding pieces of parameters (and padding); with the layout,
+    LARS takes each parameter's norm over all its pieces (here both in one process, so nothing to all-reduce)."""
+    torch.manual_seed(0)
+    shapes = [(7, 5), (3, 4)]
+    w0 = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    whole = [nn.Parameter(w.clone()) for w in w0]
+    reference = LARS(whole, lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02)
+    for step_grads in grads:
+        for p, g in zip(whole, step_grads):
+            p.grad = g.clone()
+        reference.step()
+
+    def flats(tensors):  # parameter 0 is cut after 20 elements; 3 elements of padding end the second flat tensor
+        a, b = (t.flatten() for t in tensors)
+        return [a[:20].clone(), torch.cat([a[20:], b, torch.zeros(3)])]
+
+    opt = LARS([nn.Parameter(w.clone()) for w in w0], lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02)
+    pieces = [nn.Parameter(f) for f in flats(w0)]
+    opt.param_groups[0]["params"] = pieces
+    opt.set_layout({pieces[0]: [(0, 0, 20)], pieces[1]: [(1, 15, 12), (0, 0, 15)]})
+    for step_grads in grads:
+        for piece, g in zip(pieces, flats(step_grads)):
+            piece.grad = g
+        opt.step()
+    for got, want in zip(pieces, flats([p.detach() for p in whole])):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_stepping_a_tensor_without_layout_is_refused():
+    opt = LARS([nn.Parameter(torch.ones(4))], lr=0.1)
+    flat = nn.Parameter(torch.ones(6))  # what DeepSpeed ZeRO puts in the groups
+    flat.grad = torch.ones(6)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match="attach_zero_layout"):
+        opt.step()
+
+
 def test_zero_lr_group_is_frozen_including_momentum():
     a, b = nn.Parameter(torch.ones(3, 3)), nn.Parameter(torch.ones(3, 3))
     opt = LARS([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.0}], momentum=0.9)

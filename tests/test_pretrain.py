@@ -8,59 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 
-from dataloading.pack import pack
-from dataloading.sources import load_idx
-from engine.config import load_config
 from engine.distributed import free_port
-from engine.evaluate import evaluate, load_backbone
+from engine.evaluate import FeatureCache, evaluate, split_features
+from engine.export import load_backbone_weights
 from engine.pretrain import pretrain
-
-REPO = Path(__file__).resolve().parent.parent
-
-TINY = [
-    "model.backbone=regnety_micro", "model.head_hidden_dims=[32]", "model.embedding_dim=16",
-    "model.num_prototypes=20", "data.crops=[{size: 16, count: 2, scale: [0.4, 1]}, {size: 8, count: 2, scale: [0.1, 0.4]}]",
-    "train.batch_size=16", "train.steps=6", "train.log_every=1", "train.checkpoint_every=3", "train.progress=false",
-    "swav.freeze_prototypes_steps=2", "optim.warmup_steps=2", "eval.image_size=16", "eval.batch_size=64",
-]
-
-
-def write_class_folders(root: Path, split: str, per_class: int) -> Path:
-    images, labels, classes = load_idx("fashion-mnist", split)
-    counts = {c: 0 for c in range(len(classes))}
-    for image, label in zip(images, labels):
-        label = int(label)
-        if counts[label] < per_class:
-            folder = root / split / classes[label].replace("/", "-")
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(folder / f"{counts[label]}.png")
-            counts[label] += 1
-    return root / split
-
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory):
-    """96 train / 40 test real Fashion-MNIST images, packed from class folders like a user's own data."""
-    root = tmp_path_factory.mktemp("fashion")
-    out = {}
-    for split, per_class in (("train", 10), ("test", 4)):
-        manifest = pack(str(write_class_folders(root, split, per_class)), root / f"{split}-shards",
-                        shard_size=40, workers=1, progress=False)
-        assert manifest["kept"] == 10 * per_class
-        out[split] = str(root / f"{split}-shards")
-    return out
-
-
-def tiny_config(shards, output_dir, *extra):
-    return load_config(None, [*TINY, f"data.train_shards={shards['train']}", f"eval.train_shards={shards['train']}",
-                              f"eval.test_shards={shards['test']}", f"train.output_dir={output_dir}", *extra])
-
-
-def final_weights(output_dir):
-    return torch.load(Path(output_dir) / "backbone_final.pt", weights_only=True)["state_dict"]
-
+from tiny_run import REPO, final_weights, tiny_config
 
 def test_pretrain_checkpoint_and_knn(shards, tmp_path):
     cfg = tiny_config(shards, tmp_path / "run")
@@ -75,11 +28,36 @@ def test_pretrain_checkpoint_and_knn(shards, tmp_path):
     prototypes = torch.load(next((tmp_path / "run" / "checkpoints" / "step_00000006").glob("mp_rank_00_model_states.pt")),
                             weights_only=False)["module"]["head.prototypes"]
     torch.testing.assert_close(prototypes.norm(dim=1), torch.ones(20))
-    init, final = load_backbone(tmp_path / "run" / "backbone_init.pt"), load_backbone(tmp_path / "run" / "backbone_final.pt")
+    init = load_backbone_weights(tmp_path / "run" / "backbone_init.pt")
+    final = load_backbone_weights(tmp_path / "run" / "backbone_final.pt")
     assert not torch.equal(init.stem.conv.weight, final.stem.conv.weight)
     for backbone in (final, None):
         results = evaluate(backbone, cfg, ("knn", "linear"))
         assert 0.1 <= results["knn_top1"] <= 1.0 and 0.1 <= results["linear_top1"] <= 1.0  # 10 classes, 40 images
+        assert 0.0 < results["knn_top1_k200"] <= 1.0  # k capped at the 100 train images
+
+
+def test_feature_cache_is_keyed_by_the_weights_file(shards, tmp_path):
+    cfg = tiny_config(shards, tmp_path / "run", "train.steps=1")
+    pretrain(cfg)
+    weights, cache_dir = tmp_path / "run" / "backbone_final.pt", tmp_path / "run" / "feature_cache"
+
+    def test_features(backbone, config=cfg, **kwargs):
+        return split_features(backbone, config, cache=FeatureCache.beside(weights), **kwargs)["test"][0]
+
+    first = test_features(load_backbone_weights(weights))
+    assert len(list(cache_dir.glob("*.pt"))) == 2  # train and test splits
+    # Served from the cache: a backbone that would give other features is never run.
+    scrambled = load_backbone_weights(weights)
+    torch.nn.init.normal_(scrambled.stem.conv.weight)
+    assert torch.equal(test_features(scrambled), first)
+    # Other weights in the same file, or other preprocessing: extracted anew; caching off: nothing written.
+    torch.save({**torch.load(weights, weights_only=True), "state_dict": scrambled.state_dict()}, weights)
+    assert not torch.allclose(test_features(scrambled), first)
+    assert test_features(scrambled, image_size=12).shape == first.shape
+    assert len(list(cache_dir.glob("*.pt"))) == 6
+    test_features(scrambled, tiny_config(shards, tmp_path / "run", "eval.feature_cache=false", "eval.image_size=8"))
+    assert len(list(cache_dir.glob("*.pt"))) == 6
 
 
 def test_resume_equals_uninterrupted(shards, tmp_path):
@@ -104,7 +82,7 @@ def test_resume_equals_uninterrupted(shards, tmp_path):
 
 
 def test_existing_run_needs_resume(shards, tmp_path):
-    cfg = tiny_config(shards, tmp_path / "run", "train.steps=3")
+    cfg = tiny_config(shards, tmp_path / "run", "train.steps=3", "train.resume=never")
     pretrain(cfg)
     with pytest.raises(FileExistsError, match="pass --resume"):
         pretrain(cfg)
@@ -157,3 +135,35 @@ def test_deepspeed_does_not_clip_unless_asked(shards, tmp_path):
     clipped = Pretrainer(tiny_config(shards, tmp_path / "clip", "train.steps=1", "optim.gradient_clipping=0.5"))
     assert clipped.engine.gradient_clipping() == 0.5
     clipped.close()
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_activation_checkpointing_trains_like_plain(shards, tmp_path, stage):
+    """Recomputation in the backward pass (ZeRO-3: with parameters gathered again) changes nothing learned."""
+    common = ("optim.name=sgd", "train.steps=3", "model.channels_last=false", f"train.zero_stage={stage}")
+    pretrain(tiny_config(shards, tmp_path / "plain", *common))
+    pretrain(tiny_config(shards, tmp_path / "checkpointed", *common, "model.activation_checkpointing=block"))
+    reference, checkpointed = final_weights(tmp_path / "plain"), final_weights(tmp_path / "checkpointed")
+    for name in reference:  # BN running statistics included: the recomputation does not update them again
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("stage,checkpointing", [(0, "none"), (2, "block")])
+def test_bf16_autocast_through_deepspeed(shards, tmp_path, stage, checkpointing):
+    from engine.pretrain import Pretrainer
+
+    trainer = Pretrainer(tiny_config(shards, tmp_path / "bf16", "train.steps=2", f"train.zero_stage={stage}",
+                                     "train.precision=bf16", f"model.activation_checkpointing={checkpointing}"))
+    conv_dtypes = []
+    trainer.model.backbone.stem.conv.register_forward_hook(lambda m, i, out: conv_dtypes.append(out.dtype))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert conv_dtypes == [torch.bfloat16] * 4  # 2 steps x 2 crop sizes
+    assert trainer.model.head.prototypes.dtype == torch.float32  # weights (and prototypes) stay fp32
+    fp32 = pretrain(tiny_config(shards, tmp_path / "fp32", "train.steps=2", f"train.zero_stage={stage}"))
+    losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("bf16", "fp32")}
+    assert fp32["steps"] == 2 and losses["bf16"][0] != losses["fp32"][0]
+    assert abs(losses["bf16"][0] - losses["fp32"][0]) < 0.05 * losses["fp32"][0]

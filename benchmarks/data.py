@@ -1,0 +1,170 @@
+"""Data-loading benchmark: img/s of the DALI multi-crop train loader vs a PyTorch DataLoader + Pillow doing the same
+recipe with the same number of CPU threads, side by side in one run.
+
+    seer data tiles runs/tiles --count 2000 && seer data pack runs/tiles runs/tiles-shards --no-labels
+    seer bench data runs/tiles-shards --threads 2                      # every provider, SEER's 6-crop recipe
+    python benchmarks/data.py runs/tiles-shards --threads 2            # the same, without `seer`
+
+Recipe: the DataConfig defaults, i.e. SEER's: 2×224 px crops at scale 0.14-1 and 4×96 px at 0.05-0.14, 3 channels,
+colour jitter 0.8 (brightness, contrast, saturation 0.8, hue 0.2), grayscale 0.2, Gaussian blur 0.5 (sigma 0.1-2 px),
+flip 0.5, ImageNet mean/std; crops delivered as the trainer gets them (float32, channels_last, CPU).
+Providers:
+- dali: dataloading.pipeline's CPU pipeline, num_threads = --threads, with the bad-sample guard (as training runs);
+- dali_unguarded: the same without the guard (its overhead);
+- pillow: dataloading.torch_baseline (torchvision's PIL transforms, as the SwAV code), --threads worker processes.
+The main process runs torch with one thread. The first --warmup batches are not timed: the pipeline build and the
+workers' start-up, and the batches queued meanwhile (DataLoader: 2 per worker; DALI: 2), which would otherwise
+count as instant; the default, 2 × threads + 3 batches, drains those queues. img/s = timed batches × batch size /
+their wall time; p20/p50/p80 of the time between batches.
+Records are appended to benchmarks/results/data_cpu.json, one per provider, with the command, the data (samples,
+mean image size and JPEG size), the guard's cost per image, machine, versions and commit.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+from swav_head import environment  # noqa: E402  (commit, versions, device name: one record schema)
+
+RESULTS = ROOT / "benchmarks" / "results"
+PROVIDERS = ("dali", "dali_unguarded", "pillow")
+GUARD_SAMPLE = 256  # images on which the guard's cost per image is timed
+
+
+def make_loader(provider: str, cfg, batch_size: int):
+    from dataloading.pipeline import TrainLoader
+    from dataloading.torch_baseline import PillowTrainLoader
+
+    if provider == "pillow":
+        return PillowTrainLoader(cfg, batch_size=batch_size)
+    return TrainLoader(cfg, batch_size=batch_size, guard=provider == "dali")
+
+
+def measure(provider: str, cfg, *, batch_size: int, batches: int, warmup: int) -> dict:
+    start = time.perf_counter()
+    loader = make_loader(provider, cfg, batch_size)
+    for _ in range(warmup):
+        next(loader)
+    warmup_s = time.perf_counter() - start
+    intervals, last = [], time.perf_counter()
+    first = last
+    for _ in range(batches):
+        next(loader)
+        now = time.perf_counter()
+        intervals.append(now - last)
+        last = now
+    q20, q50, q80 = (statistics.quantiles(intervals, n=10)[i] for i in (1, 4, 7)) if batches > 1 else [last - first] * 3
+    result = dict(img_per_s=batches * batch_size / (last - first), batch_s_p20=q20, batch_s_p50=q50, batch_s_p80=q80,
+                  warmup_s=warmup_s, bad_samples=getattr(loader, "bad_samples", None))
+    if provider == "pillow":
+        loader.close()
+    return result
+
+
+def describe_shards(shards: str) -> dict:
+    """Samples, mean image size and JPEG size (over the first GUARD_SAMPLE images), and the guard's cost per image."""
+    from PIL import Image
+
+    from dataloading.pipeline import jpeg_problem
+    from dataloading.torch_baseline import ShardSamples
+
+    samples = ShardSamples(shards, transform=bytes)
+    encoded = [samples[i][0] for i in range(min(GUARD_SAMPLE, len(samples)))]
+    sizes = [Image.open(io.BytesIO(data)).size for data in encoded]
+    start = time.perf_counter()
+    problems = [jpeg_problem(data) for data in encoded]
+    guard_s = (time.perf_counter() - start) / len(encoded)
+    return dict(shards=str(Path(shards).resolve()), samples=len(samples),
+                image_width_mean=statistics.fmean(w for w, _ in sizes),
+                image_height_mean=statistics.fmean(h for _, h in sizes),
+                jpeg_kb_mean=statistics.fmean(len(d) for d in encoded) / 1024,
+                guard_us_per_image=guard_s * 1e6, guard_rejects_in_sample=sum(p is not None for p in problems))
+
+
+def benchmark(shards: str, *, providers, threads: int, batch_size: int, batches: int, warmup: int) -> list[dict]:
+    import nvidia.dali
+    import PIL
+    import torchvision
+
+    from dataloading.config import DataConfig
+
+    torch.set_num_threads(1)
+    cfg = DataConfig(train_shards=shards, num_threads=threads)  # the defaults are SEER's recipe
+    recipe = dict(crops=[dict(size=g.size, count=g.count, scale=list(g.scale)) for g in cfg.crops],
+                  augment=vars(cfg.augment), channels=cfg.channels, output="float32, channels_last, cpu")
+    common = dict(benchmark="data/multicrop", recipe=recipe, loader_threads=threads, batch_size=batch_size,
+                  batches=batches, warmup_batches=warmup, **describe_shards(shards), **environment(torch.device("cpu")),
+                  dali=nvidia.dali.__version__, pillow=PIL.__version__, torchvision=torchvision.__version__)
+    records = []
+    for provider in providers:
+        print(f"{provider}: {warmup} warm-up + {batches} timed batches of {batch_size}", file=sys.stderr, flush=True)
+        records.append(dict(provider=provider, **measure(provider, cfg, batch_size=batch_size, batches=batches,
+                                                         warmup=warmup), **common))
+    return records
+
+
+def summary(records: list[dict]) -> str:
+    first = records[0]
+    lines = [f"data loading, SEER 6 crops (2x224 + 4x96), {first['loader_threads']} CPU threads, "
+             f"batch {first['batch_size']}, "
+             f"{first['samples']} JPEGs of ~{first['image_width_mean']:.0f}x{first['image_height_mean']:.0f} px "
+             f"({first['jpeg_kb_mean']:.0f} KB), {first['device']}"]
+    for r in records:
+        lines.append(f"  {r['provider']:15} {r['img_per_s']:8.1f} img/s   batch p50 {r['batch_s_p50'] * 1e3:7.0f} ms")
+    lines.append(f"  guard (jpeg_problem): {first['guard_us_per_image']:.0f} us per image")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", help="packed shard folder of real-photo JPEGs (seer data tiles, then seer data pack)")
+    parser.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader worker processes")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch, each with all 6 crops")
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per provider")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed batches first (default 2 x threads + 3: build, start-up, queued batches)")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "data_cpu.json", help="JSON file records are appended to")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    """Benchmark, append the records, print a summary (stderr) and a JSON line (stdout).
+
+    `argv`: the arguments after `seer bench data`, stored with each record as the command that reproduces it."""
+    warmup = 2 * args.threads + 3 if args.warmup is None else args.warmup
+    if args.threads < 1 or args.batch_size < 1 or args.batches < 1 or warmup < 0:
+        raise ValueError("--threads, --batch-size and --batches must be >= 1 and --warmup >= 0")
+    records = benchmark(args.shards, providers=args.providers, threads=args.threads, batch_size=args.batch_size,
+                        batches=args.batches, warmup=warmup)
+    command = "seer bench data " + shlex.join(argv)
+    for record in records:
+        record["command"] = command
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else []
+    args.out.write_text(json.dumps(previous + records, indent=1) + "\n")
+    print(summary(records), file=sys.stderr)
+    print(json.dumps({"out": str(args.out), **{r["provider"]: round(r["img_per_s"], 1) for r in records}}))
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="benchmarks/data.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    run(parser.parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    main()

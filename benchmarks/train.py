@@ -1,0 +1,299 @@
+"""Training-step benchmark: img/s, TFLOP/s, MFU and peak memory of real SwAV steps on synthetic crops.
+
+    seer bench train --preset regnety_micro --crops 2x32,4x16 --batch 32 --steps 5     # CPU: a quick check
+    seer bench train --preset regnety_256gf --batch 16 --steps 20                        # GPU: bf16, channels_last
+    python benchmarks/train.py --preset regnety_32gf ...                                 # the same, without `seer`
+
+What one step is: the trainer's step at ZeRO 0 (engine.pretrain.Pretrainer.train_step), run directly in PyTorch,
+not through a DeepSpeed engine (whose ZeRO-0 wrapper adds ~1 ms per step, and which the GPU check image lacks):
+the engine's SwAV model (engine.models.build_swav_model: the RegNetY preset, SEER's head feat -> 8192 -> 8192 -> 256
+and 16,000 fp32 prototypes unless told otherwise, the SwAV loss of `kernels`, Triton on CUDA) in training mode,
+forward under bf16 autocast (`--precision bf16`, the engine's train.precision=bf16) or in fp32, backward, the
+engine's LARS optimizer (engine.optim, every group at the peak lr, prototypes not frozen), zero_grad and the prototype
+re-normalisation. Inputs: synthetic normal-noise crops of the recipe, created once on the device: data loading is
+excluded (`seer bench data` measures it). The first --warmup steps are not timed.
+
+Reported (appended to benchmarks/results/train_<preset>_<device>.json, one record per run, with the command):
+- img/s: images (each with all its crops) per second over the timed steps; step time p20/p50/p80.
+- FLOPs per step: torch.utils.flop_counter over forward + backward of one step of the same model on the meta
+  device (engine.plan.train_flops: model FLOPs, 2 per multiply-add, grouped-convolution backward counted right,
+  activation-checkpointing recompute and the optimizer not counted). TFLOP/s = FLOPs per step / p50 step time.
+- MFU = TFLOP/s / peak: dense tensor-core peak of the GPU from PEAK_TFLOPS (bf16; fp32 runs use the TF32 peak,
+  as cuDNN convolutions use TF32 by default), or --peak-tflops. On CPU MFU is not applicable unless --peak-tflops.
+- Memory. CUDA: torch.cuda.max_memory_allocated over the timed steps; `static_bytes` is what is allocated when a
+  step starts (weights, momentum, crops), `step_peak_bytes` the peak above it (activations, gradients, temporaries).
+  CPU: `step_peak_bytes` is the peak of torch's CPU allocations during one extra step, from torch.profiler's
+  allocation events (engine.plan.cpu_peak_bytes); `static_bytes` is the bytes of weights, optimizer state and crops.
+  Beside them, the plan's figures for the same run (engine.plan, same precision), so a GPU run checks
+  the capacity model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from swav_head import environment  # noqa: E402  (commit, versions, device name: one record schema)
+
+from engine import plan as capacity  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+# Dense tensor-core peak TFLOP/s by device-name fragment (first match wins): bf16 (V100: fp16, it has no bf16), and
+# TF32 for fp32 runs (V100 has no TF32: its fp32 peak).
+PEAK_TFLOPS = {
+    "bf16": {"H200": 989.0, "H100": 989.0, "A100": 312.0, "V100": 125.0},
+    "fp32": {"H200": 494.5, "H100": 494.5, "A100": 156.0, "V100": 15.7},
+}
+
+
+def device_tag(device: torch.device) -> str:
+    """'cpu', or the GPU's name in lower case with runs of other characters as '_' (e.g. nvidia_h200)."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
+
+
+def peak_tflops(device: torch.device, precision: str, override: float | None) -> tuple[float | None, str]:
+    """The peak the MFU is relative to, and where it came from."""
+    if override is not None:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "not applicable on CPU (pass --peak-tflops)"
+    name = torch.cuda.get_device_name(device)
+    for fragment, value in PEAK_TFLOPS[precision].items():
+        if fragment in name:
+            return value, f"table: {fragment} {precision} dense"
+    return None, f"unknown GPU {name!r} (pass --peak-tflops)"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class TrainStep:
+    """The engine's SwAV model, optimizer and step (as Pretrainer.train_step at ZeRO 0) on synthetic crops."""
+
+    def __init__(self, cfg, device: torch.device, batch: int, precision: str):
+        from engine.models import build_swav_model
+        from engine.optim import build_optimizer
+
+        if cfg.model.activation_checkpointing != "none":
+            from engine.distributed import init_distributed
+
+            init_distributed()  # DeepSpeed's activation checkpointing needs a process group
+        self.model = build_swav_model(cfg).to(device)
+        self.model.to(memory_format=self.model.memory_format)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        lr = cfg.optim.lr * batch / 256  # the peak lr of a one-rank run; prototypes not frozen
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.crops = capacity.synthetic_crops([(g.count, g.size) for g in cfg.data.crops], batch, device)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+
+    def __call__(self) -> torch.Tensor:
+        with self.autocast:
+            loss = self.model(self.crops)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            prototypes = self.model.head.prototypes
+            prototypes.copy_(F.normalize(prototypes.float(), dim=1))
+        return loss.detach()
+
+    def static_bytes(self) -> int:
+        """Weights, optimizer state and crops: what stays allocated between steps."""
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return _tensor_bytes(list(self.model.parameters()) + list(self.model.buffers()) + state + self.crops)
+
+
+def benchmark(preset: str, *, batch: int, steps: int, warmup: int, crops: str, precision: str, channels_last: bool,
+              checkpointing: str, device: str | None, head_hidden: list[int], embedding_dim: int, prototypes: int,
+              peak: float | None, threads: int | None, loss_backend: str = "auto") -> dict:
+    """One record: speed, FLOPs, MFU and memory of `steps` timed training steps."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"--precision must be bf16 or fp32, got {precision!r}")
+    if loss_backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"--loss-backend must be auto, torch or triton, got {loss_backend!r}")
+    if batch < 1 or steps < 1 or warmup < 1:
+        # At least one warm-up step: the first one creates the momentum buffers (and compiles Triton kernels).
+        raise ValueError(f"--batch, --steps and --warmup must be >= 1, got {batch}, {steps}, {warmup}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if threads:
+        torch.set_num_threads(threads)
+    # On the meta device, before anything is allocated: FLOPs, the capacity model's figures, and a clear error for
+    # an unknown preset or crop recipe.
+    plan = capacity.plan(preset, gpus=1, gpu_mem_gib=1.0, zero=0, checkpointing=checkpointing, batch=batch,
+                         crops=crops, precision=precision, head_hidden=head_hidden,
+                         embedding_dim=embedding_dim, prototypes=prototypes)
+    flops = plan["train_flops_per_image"] * batch
+    cfg = capacity.swav_config(preset, capacity.parse_crops(crops), head_hidden=head_hidden,
+                               embedding_dim=embedding_dim, prototypes=prototypes, channels_last=channels_last,
+                               checkpointing=checkpointing)
+    cfg.swav.backend = loss_backend
+
+    torch.manual_seed(0)
+    step = TrainStep(cfg, dev, batch, precision)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    losses = [step().item() for _ in range(warmup)]
+    sync()
+    if dev.type == "cuda":
+        static = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    if dev.type == "cuda":
+        memory = {"method": "torch.cuda.max_memory_allocated over the timed steps", "static_bytes": static,
+                  "step_peak_bytes": torch.cuda.max_memory_allocated(dev) - static}
+    else:
+        memory = {"method": "torch.profiler CPU allocation events over one extra step (engine.plan.cpu_peak_bytes)",
+                  "static_bytes": step.static_bytes(), "step_peak_bytes": capacity.cpu_peak_bytes(step)}
+    plan_bytes = plan["bytes"]
+    memory["plan"] = {
+        "precision": plan["precision"],
+        "static_bytes": plan_bytes["weights"] + plan_bytes["optimizer"],
+        "step_peak_bytes": plan_bytes["gradients"] + plan_bytes["autocast_weight_copies"] + plan_bytes["activations"],
+        "activation_bytes": plan_bytes["activations"],
+    }
+    memory["peak_bytes"] = memory["static_bytes"] + memory["step_peak_bytes"]
+
+    p50 = statistics.median(times)
+    achieved = flops / p50 / 1e12
+    peak_value, peak_source = peak_tflops(dev, precision, peak)
+    return {
+        "benchmark": "train",
+        "preset": preset,
+        "parameters": plan["parameters"],
+        "batch": batch,
+        "crops": crops,
+        "precision": precision,
+        "channels_last": channels_last,
+        "checkpointing": checkpointing,
+        "loss_backend": loss_backend,
+        "head": plan["head"],
+        "steps": steps,
+        "warmup_steps": warmup,
+        "step": "engine SwAV model + engine.optim LARS, plain PyTorch (no DeepSpeed engine), ZeRO 0, one process",
+        "data": "synthetic crops created once on the device: data loading excluded",
+        "img_per_s": batch * steps / sum(times),
+        "step_ms_p20": 1e3 * _percentile(times, 0.2),
+        "step_ms_p50": 1e3 * p50,
+        "step_ms_p80": 1e3 * _percentile(times, 0.8),
+        "flops_per_step": flops,
+        "flops_per_image": flops / batch,
+        "tflops_achieved": achieved,
+        "peak_tflops": peak_value,
+        "peak_tflops_source": peak_source,
+        "mfu": achieved / peak_value if peak_value else None,
+        "memory": memory,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "device_tag": device_tag(dev),
+        "threads": torch.get_num_threads(),
+        **environment(dev),
+    }
+
+
+def write_record(record: dict, out: Path | None) -> Path:
+    """Append `record` to `out` (default results/train_<preset>_<device>.json, a JSON list)."""
+    out = out or RESULTS / f"train_{record['preset']}_{record['device_tag']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(out.read_text()) if out.exists() else []
+    records.append(record)
+    out.write_text(json.dumps(records, indent=1) + "\n")
+    return out
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def summary(record: dict) -> str:
+    mem = record["memory"]
+    mfu = f"{100 * record['mfu']:.1f}% MFU" if record["mfu"] is not None else f"MFU: {record['peak_tflops_source']}"
+    return (f"{record['preset']} on {record['device']}: {record['img_per_s']:.2f} img/s, "
+            f"{record['step_ms_p50']:.1f} ms/step (p50), {record['tflops_achieved']:.3f} TFLOP/s, {mfu}; "
+            f"peak memory {_size(mem['peak_bytes'])} (in the step {_size(mem['step_peak_bytes'])}, "
+            f"plan {_size(mem['plan']['step_peak_bytes'])})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True, help="backbone: a preset of engine.models.PRESETS or a timm RegNet")
+    parser.add_argument("--batch", type=int, default=16, help="images per step, each with every crop (SEER: 16)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--crops", default="2x224,4x96", help="crop recipe COUNTxSIZE,... (default SEER's)")
+    parser.add_argument("--precision", default=None, help="bf16 (autocast; default on GPU) | fp32 (default on CPU)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC activations and weights (default on)")
+    parser.add_argument("--checkpointing", default="none", help="activation checkpointing: none | block | stage")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    parser.add_argument("--head-hidden", default="8192,8192", help="projection MLP widths (default SEER's)")
+    parser.add_argument("--embedding-dim", type=int, default=256)
+    parser.add_argument("--prototypes", type=int, default=16000)
+    parser.add_argument("--loss-backend", default="auto",
+                        help="SwAV loss kernels: auto (Triton on CUDA) | torch (the reference) | triton")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak for the MFU (default: GPU table)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file the record is appended to (default results/train_<preset>_<device>.json)")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Benchmark, append the record to its JSON file, print a summary (stderr) and a JSON line (stdout).
+
+    `argv`: the arguments after `seer bench train`, stored with the record as the command that reproduces it."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
+    record = benchmark(args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup, crops=args.crops,
+                       precision=precision, channels_last=args.channels_last, checkpointing=args.checkpointing,
+                       device=device, head_hidden=capacity.parse_widths(args.head_hidden),
+                       embedding_dim=args.embedding_dim, prototypes=args.prototypes, peak=args.peak_tflops,
+                       threads=args.threads, loss_backend=args.loss_backend)
+    record["command"] = "seer bench train " + shlex.join(argv)
+    path = write_record(record, args.out)
+    print(summary(record), file=sys.stderr)
+    print(json.dumps({"out": str(path), "img_per_s": record["img_per_s"], "mfu": record["mfu"],
+                      "peak_bytes": record["memory"]["peak_bytes"]}))
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="benchmarks/train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    run(parser.parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    main()

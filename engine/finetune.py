@@ -1,0 +1,231 @@
+"""Supervised fine-tuning: a backbone and a linear classifier trained end to end on labelled shards, then top-1 on
+the test split (SEER's headline ImageNet number is a fine-tuned one). The same backbone can start from a
+pretrained file or from random weights, for a comparison at the same budget.
+
+    seer finetune --weights RUN/backbone_final.pt|random [--config FILE] [section.key=value ...]
+    deepspeed --num_gpus N --module engine.finetune --weights ... [--config FILE] [section.key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from dataloading.pipeline import build_eval_loader
+from dataloading.supervised import build_supervised_loader, labelled_shards
+from engine.classifier import Classifier, save_classifier
+from engine.config import Config, ConfigError, OptimConfig, load_config
+from engine.distributed import DistInfo, all_reduce_mean, init_distributed, run_rank_and_exit
+from engine.export import load_weights_into, read_weights
+from engine.metrics import MetricsWriter
+from engine.models import build_backbone
+from engine.optim import build_optimizer, lr_schedule
+from engine.pretrain import git_commit, deepspeed_config
+
+CLASSIFIER_FILE = "classifier.pt"
+
+
+def _classes(shards: str, key: str) -> list[str]:
+    if not shards:
+        raise ConfigError(f"{key} is not set: give it a folder of labelled shards (written by `seer data pack`)")
+    try:
+        classes, _, _ = labelled_shards(shards)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+    return classes
+
+
+class Finetuner:
+    def __init__(self, cfg: Config, weights: str):
+        self.cfg, self.weights, ft = cfg, weights, cfg.finetune
+        self.classes = _classes(ft.train_shards, "finetune.train_shards")
+        test_classes = _classes(ft.test_shards, "finetune.test_shards")
+        if test_classes != self.classes:
+            raise ConfigError(
+                f"finetune.test_shards has {len(test_classes)} classes ({', '.join(test_classes[:3])}, ...) but "
+                f"finetune.train_shards has {len(self.classes)} ({', '.join(self.classes[:3])}, ...): "
+                "pack both with the same class list")
+        self.output_dir = Path(ft.output_dir)
+        if (self.output_dir / "metrics.jsonl").exists():
+            raise FileExistsError(f"{self.output_dir} already holds a fine-tuning run: set finetune.output_dir "
+                                  "to a new folder")
+        self.dist: DistInfo = init_distributed()
+        torch.manual_seed(ft.seed)
+        backbone, self.backbone_name = self._backbone(weights)
+        torch.manual_seed(ft.seed)  # the head starts the same whichever way the backbone was obtained
+        model = Classifier(backbone, len(self.classes)).to(self.dist.device).train()
+        optimizer = build_optimizer(model, OptimConfig(name="sgd", momentum=ft.momentum, weight_decay=ft.weight_decay))
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer,
+            config=deepspeed_config(batch_size=ft.batch_size, world_size=self.dist.world_size,
+                                    zero_stage=ft.zero_stage, gradient_clipping=0.0, precision=ft.precision),
+        )
+        self.model = self.engine.module
+        # As in pretraining: NHWC only where DeepSpeed keeps dense parameters (ZeRO 0), converted after initialize.
+        channels_last = cfg.model.channels_last and ft.zero_stage == 0
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=self.memory_format)
+        global_batch = ft.batch_size * self.dist.world_size
+        self.lr = lr_schedule(ft.steps, ft.lr * global_batch / 256, ft.warmup_steps, final_fraction=0.0)
+        cuda = self.dist.device.type == "cuda"
+        self.loader = build_supervised_loader(
+            ft.train_shards, size=ft.image_size, scale=ft.crop_scale, channels=cfg.data.channels, mean=cfg.data.mean,
+            std=cfg.data.std, batch_size=ft.batch_size, num_threads=cfg.data.num_threads, seed=ft.seed,
+            shard_id=self.dist.rank, num_shards=self.dist.world_size, device=self.dist.device.type,
+            device_id=self.dist.local_rank if cuda else None,
+        )
+        self.step = 0
+        self.classifier: Classifier | None = None  # the trained model as a plain module, after train()
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(
+                yaml.safe_dump({**cfg.to_dict(), "weights": weights, "git_commit": git_commit()}))
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.dist.is_main)
+
+    def _backbone(self, weights: str) -> tuple[torch.nn.Module, str]:
+        """The backbone to start from and its name: random weights of model.backbone, or a weights file
+        (backbone_*.pt of pretraining, or .safetensors; one without seer metadata is taken as model.backbone)."""
+        channels = self.cfg.data.channels
+        if weights == "random":
+            return build_backbone(self.cfg.model.backbone, in_chans=channels), self.cfg.model.backbone
+        saved = read_weights(weights)
+        name = saved.name or self.cfg.model.backbone
+        if (saved.in_chans or channels) != channels:
+            raise ConfigError(f"{weights} takes {saved.in_chans}-channel images but data.channels is {channels}")
+        backbone = build_backbone(name, in_chans=channels)
+        load_weights_into(backbone, saved, f"backbone {name} (in_chans={channels})", label="--weights")
+        return backbone, name
+
+    def train(self) -> dict:
+        ft = self.cfg.finetune
+        bar = tqdm(total=ft.steps, desc="finetune", disable=not (self.dist.is_main and ft.progress),
+                   dynamic_ncols=True)
+        zero = torch.zeros((), device=self.dist.device)
+        window_loss, window_correct, window_steps = zero.clone(), zero.clone(), 0
+        window_start, data_time, record = time.perf_counter(), 0.0, {}
+        while self.step < ft.steps:
+            fetch_start = time.perf_counter()
+            batch = next(self.loader)
+            data_time += time.perf_counter() - fetch_start
+            loss, correct = self.train_step(batch["image"], batch["label"])
+            self.step += 1
+            window_loss += loss
+            window_correct += correct
+            window_steps += 1
+            bar.update(1)
+            if self.step % ft.log_every == 0 or self.step == ft.steps:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "loss": all_reduce_mean(window_loss / window_steps).item(),
+                    "train_top1": all_reduce_mean(window_correct / (window_steps * ft.batch_size)).item(),
+                    "lr": self.lr[self.step - 1],
+                    "img_per_s": window_steps * ft.batch_size * self.dist.world_size / elapsed,
+                    "data_time_share": data_time / elapsed,
+                    "epoch": self.loader.epoch,
+                }
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; see {self.metrics.path}")
+                self.metrics.write(self.step, **record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['train_top1']:.3f}")
+                window_loss, window_correct, window_steps = zero.clone(), zero.clone(), 0
+                window_start, data_time = time.perf_counter(), 0.0
+        bar.close()
+        self.classifier = self.full_classifier()
+        top1 = self.top1_on_test(self.classifier)
+        self.metrics.write(self.step, test_top1=top1)
+        path = self.output_dir / CLASSIFIER_FILE
+        if self.dist.is_main:
+            data = self.cfg.data
+            save_classifier(path, self.classifier, backbone_name=self.backbone_name, in_chans=data.channels,
+                            image_size=ft.image_size, mean=data.mean, std=data.std, class_names=self.classes,
+                            source="finetune")
+        return {"top1": top1, "weights": self.weights, "steps": self.step, "train_loss": record["loss"],
+                "train_top1": record["train_top1"], "classifier": str(path), "output_dir": str(self.output_dir)}
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the loss and the number of correctly classified images (detached)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = self.lr[self.step]
+        logits = self.engine(images.contiguous(memory_format=self.memory_format))  # autocast: finetune.precision
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.finetune.label_smoothing)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach(), (logits.detach().argmax(1) == labels).sum()
+
+    def full_classifier(self) -> Classifier:
+        """A plain fp32 copy of the trained model on every rank (ZeRO-3 gathers its partitions), in eval mode."""
+        params = list(self.model.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.finetune.zero_stage == 3):
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        classifier = Classifier(build_backbone(self.backbone_name, in_chans=self.cfg.data.channels), len(self.classes))
+        classifier.load_state_dict(state)
+        return classifier.to(self.dist.device).eval()
+
+    def top1_on_test(self, classifier: Classifier) -> float:
+        """Top-1 on finetune.test_shards; each rank classifies its part, the counts are summed over ranks."""
+        ft, data = self.cfg.finetune, self.cfg.data
+        cuda = self.dist.device.type == "cuda"
+        loader = build_eval_loader(
+            ft.test_shards, size=ft.image_size, channels=data.channels, mean=data.mean, std=data.std,
+            batch_size=ft.batch_size, num_threads=data.num_threads, shard_id=self.dist.rank,
+            num_shards=self.dist.world_size, device=self.dist.device.type,
+            device_id=self.dist.local_rank if cuda else None,
+        )
+        counts = count_correct(classifier, loader, self.dist.device, progress=self.dist.is_main and ft.progress)
+        if self.dist.world_size > 1:
+            dist.all_reduce(counts)
+        return (counts[0] / counts[1]).item()
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+@torch.no_grad()
+def count_correct(classifier: Classifier, loader, device: torch.device, progress: bool = False) -> torch.Tensor:
+    """[correct, total] (float64) of `classifier` over one pass of an eval loader."""
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in tqdm(loader, desc="test", leave=False, dynamic_ncols=True, disable=not progress):
+        logits = classifier(batch["image"].to(device))
+        counts[0] += (logits.argmax(1) == batch["label"].to(device)).sum()
+        counts[1] += len(logits)
+    return counts
+
+
+def finetune(cfg: Config, weights: str) -> dict:
+    trainer = Finetuner(cfg, weights)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", required=True,
+                        help="backbone file from pretraining (backbone_final.pt), or 'random' for model.backbone "
+                             "at random init")
+    parser.add_argument("--config", help="YAML config (default: the demo's embedded config)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="engine.finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run_rank_and_exit(lambda: finetune(cfg, args.weights))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
