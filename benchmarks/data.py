@@ -9,8 +9,9 @@ Recipe: the DataConfig defaults, i.e. SEER's: 2×224 px crops at scale 0.14-1 an
 colour jitter 0.8 (brightness, contrast, saturation 0.8, hue 0.2), grayscale 0.2, Gaussian blur 0.5 (sigma 0.1-2 px),
 flip 0.5, ImageNet mean/std; crops delivered as the trainer gets them (float32, channels_last, CPU).
 Providers:
-- dali: dataloading.pipeline's CPU pipeline, num_threads = --threads, with the bad-sample guard (as training runs);
-- dali_unguarded: the same without the guard (its overhead);
+- dali: dataloading.pipeline's CPU pipeline, num_threads = --threads, as training runs on these shards (written by
+  `seer data pack`, which checked every JPEG: no per-sample guard while loading);
+- dali_guarded: the same with the per-sample guard forced on, as for shards not written by `seer data pack`;
 - pillow: dataloading.torch_baseline (torchvision's PIL transforms, as the SwAV code), --threads worker processes.
 The main process runs torch with one thread. The first --warmup batches are not timed: the pipeline build and the
 workers' start-up, and the batches queued meanwhile (DataLoader: 2 per worker; DALI: 2), which would otherwise
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from swav_head import environment  # noqa: E402  (commit, versions, device name: one record schema)
 
 RESULTS = ROOT / "benchmarks" / "results"
-PROVIDERS = ("dali", "dali_unguarded", "pillow")
+PROVIDERS = ("dali", "dali_guarded", "pillow")
 GUARD_SAMPLE = 256  # images on which the guard's cost per image is timed
 
 
@@ -49,7 +50,7 @@ def make_loader(provider: str, cfg, batch_size: int):
 
     if provider == "pillow":
         return PillowTrainLoader(cfg, batch_size=batch_size)
-    return TrainLoader(cfg, batch_size=batch_size, guard=provider == "dali")
+    return TrainLoader(cfg, batch_size=batch_size, guard=True if provider == "dali_guarded" else None)
 
 
 def measure(provider: str, cfg, *, batch_size: int, batches: int, warmup: int) -> dict:
@@ -77,7 +78,7 @@ def describe_shards(shards: str) -> dict:
     """Samples, mean image size and JPEG size (over the first GUARD_SAMPLE images), and the guard's cost per image."""
     from PIL import Image
 
-    from dataloading.pipeline import jpeg_problem
+    from dataloading.jpeg import jpeg_problem
     from dataloading.torch_baseline import ShardSamples
 
     samples = ShardSamples(shards, transform=bytes)

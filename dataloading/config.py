@@ -66,6 +66,11 @@ def check_data_config(cfg: DataConfig) -> None:
     for key, p in probabilities.items():
         if p is not None and not 0 <= p <= 1:
             raise ValueError(f"data.{key} is a probability and must be in [0, 1], got {p}")
+    for name in ("brightness", "contrast", "saturation"):
+        if getattr(aug, name) < 0:
+            raise ValueError(f"data.augment.{name} is a strength and must be >= 0, got {getattr(aug, name)}")
+    if not 0 <= aug.hue <= 0.5:
+        raise ValueError(f"data.augment.hue is a fraction of the colour circle and must be in [0, 0.5], got {aug.hue}")
     low, high = aug.blur_sigma
     if not 0 < low <= high:
         raise ValueError(f"data.augment.blur_sigma must satisfy 0 < low <= high (px), got {tuple(aug.blur_sigma)}")

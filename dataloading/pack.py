@@ -34,6 +34,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from dataloading.jpeg import JPEG_CHECK, MAX_PIXELS, MAX_SIDE, jpeg_problem
 from dataloading.sources import DATASETS, load_idx
 
 MANIFEST = "manifest.json"
@@ -45,7 +46,6 @@ FOLDER_ORDER_SEED = 0  # folder packs are written in a fixed random order: DALI'
 MIN_ITEMS_FOR_POOL = 256  # below this, starting worker processes (~0.5 s each) costs more than it saves
 # Formats Pillow decodes without external programs (EPS, for one, would run Ghostscript on an untrusted file).
 FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "AVIF", "BMP", "DIB", "GIF", "TIFF", "PPM"}
-MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (~9459^2); refused from the header, before decoding
 MAX_ASPECT_RATIO = 50  # longer side / shorter side beyond which a file is a strip or a line, not a picture
 _SIXTEEN_BIT_GRAY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 _GRAY_MODES = {"1", "L", "LA"} | _SIXTEEN_BIT_GRAY
@@ -98,16 +98,18 @@ def _validate(data: bytes, quality: int, max_side: int | None) -> tuple[bytes | 
         if image.mode not in _MODES:
             return None, "unsupported_mode"
         width, height = image.size
-        if width * height > MAX_PIXELS:
+        if width * height > MAX_PIXELS:  # refused from the header, before decoding
             return None, "too_many_pixels"
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
             return None, "extreme_aspect_ratio"
         try:
             image.load()  # full decode (first frame): truncated or corrupt data raises here, not later in DALI
             too_big = max_side is not None and max(width, height) > max_side
+            if max(width, height) > MAX_SIDE and not too_big:
+                return None, "side_too_long"  # DALI's crop crashed on such images; --max-side shrinks them instead
             if (image.format == "JPEG" and image.mode in ("L", "RGB") and not too_big
-                    and image.getexif().get(ExifTags.Base.Orientation, 1) == 1):
-                return data, None
+                    and image.getexif().get(ExifTags.Base.Orientation, 1) == 1 and jpeg_problem(data) is None):
+                return data, None  # kept byte for byte; other JPEG processes (lossless, arithmetic) are re-encoded
             image = _to_gray_or_rgb(ImageOps.exif_transpose(image))  # re-encoding drops EXIF: rotate now
             if too_big:
                 image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
@@ -441,6 +443,7 @@ def pack(
         "classes": inputs.classes,
         "jpeg_quality": jpeg_quality,
         "max_side": max_side,
+        "jpeg_check": JPEG_CHECK,  # every stored JPEG passed it (kept as is only if so, else re-encoded by Pillow)
     }
     tmp = out / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))

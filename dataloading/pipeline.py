@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from PIL import Image
 
 from dataloading.config import AugmentConfig, CropGroup, DataConfig, check_data_config
+from dataloading.jpeg import JPEG_CHECK, jpeg_problem
 from dataloading.pack import KEY_DIGITS, MANIFEST
 
 READER = "reader"
@@ -55,6 +55,25 @@ def read_manifest(shards_dir: str | os.PathLike) -> tuple[dict, list[str], list[
     if missing:
         raise FileNotFoundError(f"{path} lists files that are missing: {missing[:3]}")
     return manifest, tars, idxs
+
+
+def class_names(shards_dir: str | os.PathLike, key: str) -> list[str]:
+    """The class names of a packed folder; one error naming config key `key` when it was packed without labels."""
+    classes = read_manifest(shards_dir)[0]["classes"]
+    if not classes:
+        raise ValueError(f"{key}={shards_dir} holds unlabelled images (packed with --no-labels or from a flat "
+                         "folder): this needs class labels")
+    return classes
+
+
+def matching_class_names(train_shards, test_shards, train_key: str, test_key: str) -> list[str]:
+    """The class names shared by a train and a test folder; one error when either is unlabelled or they differ."""
+    classes, test_classes = class_names(train_shards, train_key), class_names(test_shards, test_key)
+    if test_classes != classes:
+        raise ValueError(f"{test_key} has {len(test_classes)} classes ({', '.join(test_classes[:3])}, ...) but "
+                         f"{train_key} has {len(classes)} ({', '.join(classes[:3])}, ...): pack both with the same "
+                         "class folders")
+    return classes
 
 
 def _read_samples(tars, idxs, labelled: bool, **reader_args):
@@ -116,169 +135,18 @@ def _ascii_to_int(chars: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ guard
-# What the guard accepts: the JPEG processes DALI decodes (baseline, extended, progressive; 8-bit; gray, YCbCr/RGB,
-# CMYK). The checks mirror the conditions under which libjpeg-turbo (DALI's CPU JPEG decoder) stops with an error
-# instead of a warning. Anything else (lossless, hierarchical, arithmetic coding, 12-bit) is replaced too.
-_FRAME_MARKERS = {0xC0: False, 0xC1: False, 0xC2: True}  # SOF0 baseline, SOF1 extended, SOF2 progressive
-_MARKERS_WITHOUT_SEGMENT = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM and the restart markers
-# Inside entropy-coded data FF is followed by 00 (stuffing) or a restart marker; anything else is the next marker.
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
-MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # where Pillow raises DecompressionBombError, as `pack` does
-# DALI 2.4's random_resized_crop segfaulted on valid JPEGs 41,000-50,000 px tall (64-640 px wide; 40,000 and 65,000
-# did not): longer sides are refused, far above any camera's (panoramas up to 32,768 px pass).
-MAX_SIDE = 32768
-_MAX_BLOCKS_PER_MCU = 10  # libjpeg's limit for a scan of several components
-
-
-def jpeg_problem(data) -> str | None:
-    """Why these encoded bytes must not reach DALI's decoder, or None when they form a complete, decodable JPEG.
-
-    Walks every marker segment from start to end-of-image and checks the frame, Huffman and quantization tables
-    and scan headers; the entropy-coded data between them is only searched for the next marker (a regex at C
-    speed): libjpeg-turbo decodes damage inside it to wrong pixels with a warning. Tens of microseconds per photo
-    (`seer bench data` reports it). Damaged JPEGs that it accepts go through DALI's decoder and the train graph
-    without an error (a test runs 64 at batch 32; ~3,000 while it was written).
-    """
-    view = bytes(memoryview(data))  # a copy (microseconds), but indexing bytes is several times faster
-    size = len(view)
-    if size < 4 or view[0] != 0xFF or view[1] != 0xD8:
-        return "not a JPEG" if size else "empty"
-    frame, progressive, quant, huffman, scans = None, False, set(), set(), 0
-    pos = 2
-    while pos + 2 <= size:
-        marker = view[pos + 1]
-        if view[pos] != 0xFF:
-            return "corrupt header"
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if marker == 0xD9:  # end of image
-            return None if scans else "no image data"
-        if marker in _MARKERS_WITHOUT_SEGMENT:
-            pos += 2
-            continue
-        end = pos + 2 + (view[pos + 2] << 8 | view[pos + 3] if pos + 4 <= size else 0)
-        if end < pos + 4 or end > size:
-            return "truncated"
-        segment = view[pos + 4 : end]
-        if marker in _FRAME_MARKERS:
-            problem = "two frame headers" if frame is not None else _frame_problem(segment)
-            frame, progressive = _frame_components(segment), _FRAME_MARKERS[marker]
-        elif marker == 0xC4:
-            problem = _huffman_problem(segment, huffman)
-        elif marker == 0xDB:
-            problem = _quant_problem(segment, quant)
-        elif marker == 0xDD:  # restart interval
-            problem = None if len(segment) == 2 else "corrupt restart interval"
-        elif marker == 0xDA:  # start of scan: entropy-coded data follows up to the next marker
-            problem = _scan_problem(segment, frame, progressive, quant, huffman)
-            if problem is None:
-                following = _NEXT_MARKER.search(view, end)
-                if following is None:
-                    return "truncated (no end-of-image marker)"
-                end = following.start()
-                scans += 1
-        elif 0xE0 <= marker <= 0xEF or marker == 0xFE:  # application data, comments
-            problem = None
-        else:
-            problem = f"unsupported marker FF{marker:02X}"
-        if problem:
-            return problem
-        pos = end
-    return "truncated"
-
-
-def _frame_components(segment) -> dict[int, tuple[int, int, int]] | None:
-    """Component id -> (horizontal sampling, vertical sampling, quantization table) of a frame header."""
-    count = segment[5] if len(segment) >= 6 else 0
-    if len(segment) != 6 + 3 * count:
-        return None
-    fields = [segment[6 + 3 * i : 9 + 3 * i] for i in range(count)]
-    return {cid: (hv >> 4, hv & 15, table) for cid, hv, table in fields}
-
-
-def _frame_problem(segment) -> str | None:
-    components = _frame_components(segment)
-    if components is None or len(components) not in (1, 3, 4) or len(components) != segment[5]:
-        return "corrupt frame header"
-    if segment[0] != 8:
-        return f"{segment[0]}-bit samples (8 needed)"
-    height, width = segment[1] << 8 | segment[2], segment[3] << 8 | segment[4]
-    if height == 0 or width == 0:
-        return "no image size"
-    if max(height, width) > MAX_SIDE:
-        return f"a side longer than {MAX_SIDE} px"
-    if height * width > MAX_PIXELS:
-        return "too many pixels"
-    factors = list(components.values())
-    max_h, max_v = max(f[0] for f in factors), max(f[1] for f in factors)
-    if any(not (1 <= h <= 4 and 1 <= v <= 4) or max_h % h or max_v % v or table > 3 for h, v, table in factors):
-        return "unsupported chroma subsampling"
-    return None
-
-
-def _quant_problem(segment, defined: set) -> str | None:
-    pos = 0
-    while pos < len(segment):
-        precision, table = segment[pos] >> 4, segment[pos] & 15
-        pos += 1 + 64 * (precision + 1)
-        if precision > 1 or table > 3 or pos > len(segment):
-            return "corrupt quantization table"
-        defined.add(table)
-    return None
-
-
-def _huffman_problem(segment, defined: set) -> str | None:
-    pos = 0
-    while pos < len(segment):
-        if pos + 17 > len(segment):
-            return "corrupt Huffman table"
-        kind, table, counts = segment[pos] >> 4, segment[pos] & 15, segment[pos + 1 : pos + 17]
-        values = segment[pos + 17 : pos + 17 + sum(counts)]
-        if kind > 1 or table > 3 or len(values) != sum(counts) or (kind == 0 and max(values, default=0) > 15):
-            return "corrupt Huffman table"
-        code = 0  # canonical codes: at each length, the codes so far must fit without the all-ones code
-        for length, count in enumerate(counts[: max((i + 1 for i, c in enumerate(counts) if c), default=0)], 1):
-            code += count
-            if code >= 1 << length:
-                return "corrupt Huffman table"
-            code <<= 1
-        defined.add((kind, table))
-        pos += 17 + len(values)
-    return None
-
-
-def _scan_problem(segment, frame, progressive: bool, quant: set, huffman: set) -> str | None:
-    if frame is None:
-        return "scan before the frame header"
-    count = segment[0] if len(segment) else 0
-    if not 1 <= count <= 4 or len(segment) != 4 + 2 * count:
-        return "corrupt scan header"
-    ids, tables = segment[1 : 1 + 2 * count : 2], segment[2 : 2 + 2 * count : 2]
-    if len(set(ids)) != count or any(cid not in frame for cid in ids):
-        return "corrupt scan header"
-    if count > 1 and sum(frame[cid][0] * frame[cid][1] for cid in ids) > _MAX_BLOCKS_PER_MCU:
-        return "corrupt scan header"
-    start, stop, high, low = segment[-3], segment[-2], segment[-1] >> 4, segment[-1] & 15
-    if progressive and ((start == 0 and stop != 0) or (start > 0 and (stop < start or stop > 63 or count != 1))
-                        or (high and low != high - 1) or low > 13):
-        return "corrupt progressive scan"
-    if any(frame[cid][2] not in quant for cid in ids):
-        return "quantization table not defined"
-    needs_dc = not progressive or (start == 0 and high == 0)
-    needs_ac = not progressive or start > 0
-    for selectors in tables:
-        if (needs_dc and (0, selectors >> 4) not in huffman) or (needs_ac and (1, selectors & 15) not in huffman):
-            return "Huffman table not defined"
-    return None
-
-
 @functools.cache
 def _gray_jpeg() -> np.ndarray:
     """The stand-in for a bad sample: mid-gray, so its crops carry no content (one of VISSL's two choices)."""
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, "JPEG")
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+
+
+def needs_guard(shards_dir: str | os.PathLike) -> bool:
+    """Whether the loaders must check every sample: not when `seer data pack` already checked them all with the
+    same jpeg_problem (its manifest says so), which saves a Python pass over every sample (16% of CPU loading)."""
+    return read_manifest(shards_dir)[0].get("jpeg_check") != JPEG_CHECK
 
 
 def _guard_batch(encoded: list[np.ndarray], sources: list[np.ndarray]) -> tuple[list, list]:
@@ -328,6 +196,9 @@ def _contrast_brightness(images, contrast, brightness):
     DALI's brightness_contrast pivots contrast on mid-gray (128) instead: on Fashion-MNIST that turns the black
     background gray, a different augmentation from the torchvision ColorJitter the SwAV recipe was tuned with.
     """
+    if images.device == "cpu":
+        mean = fn.reductions.mean(images, dtype=types.FLOAT)
+        return fn.brightness_contrast(images, contrast=contrast, brightness=brightness, contrast_center=mean)
     x = fn.cast(images, dtype=types.FLOAT)
     contrast, brightness = _on_device_of(x, contrast, brightness)
     mean = fn.reductions.mean(x)
@@ -424,18 +295,20 @@ def define_train_pipeline(
     device_id: int | None = None,
     with_index: bool = False,
     channels_last: bool = True,
-    guard: bool = True,
+    guard: bool | None = None,
     checkpoint: bytes | None = None,
 ) -> tuple[Pipeline, list[str]]:
     """The multi-crop train graph (not built) and the names of its outputs.
 
     channels_last: crops leave DALI as HWC (TrainLoader views them as NCHW tensors in channels_last memory).
-    guard: check and replace bad samples (adds the "replaced" output); False only to serialize the graph.
+    guard: check and replace bad samples (adds the "replaced" output); None: unless pack checked them
+    (needs_guard); False also to serialize the graph.
     """
     _check_device(device)
     _check_channels(cfg.channels, cfg.mean, cfg.std)
     check_data_config(cfg)
     manifest, tars, idxs = read_manifest(cfg.train_shards)
+    guard = needs_guard(cfg.train_shards) if guard is None else guard
     pipe = Pipeline(
         batch_size=batch_size,
         num_threads=cfg.num_threads,
@@ -480,10 +353,11 @@ class TrainLoader:
     """
 
     def __init__(self, cfg: DataConfig, *, batch_size, shard_id=0, num_shards=1, device="cpu", device_id=None,
-                 with_index=False, channels_last=True, guard=True):
+                 with_index=False, channels_last=True, guard=None):
         self.cfg, self.batch_size, self.shard_id, self.num_shards = cfg, batch_size, shard_id, num_shards
         self.device, self.device_id, self.with_index = device, device_id, with_index
-        self.channels_last, self.dtype, self.guard = channels_last, getattr(torch, cfg.output_dtype), guard
+        self.channels_last, self.dtype = channels_last, getattr(torch, cfg.output_dtype)
+        self.guard = needs_guard(cfg.train_shards) if guard is None else guard
         self.crop_sizes = [group.size for group in cfg.crops for _ in range(group.count)]
         self.epoch = 0  # epochs completed
         self.step = 0  # batches yielded in total
@@ -575,14 +449,14 @@ def build_train_loader(
     device_id: int | None = None,
     with_index: bool = False,
     channels_last: bool = True,
-    guard: bool = True,
+    guard: bool | None = None,
 ) -> TrainLoader:
     """Multi-crop loader over the shards in cfg.train_shards for rank `shard_id` of `num_shards`.
 
     device="cuda" runs the graph on GPU `device_id` (default: $LOCAL_RANK, else 0). with_index adds
     "index": the packed sample key (int64), for checks of sharding and coverage. channels_last gives crops in
     torch.channels_last memory (what the model wants with model.channels_last); else contiguous NCHW.
-    guard=False skips the bad-sample check (only for shards known to be clean, e.g. written by `seer data pack`).
+    guard: check every sample before decoding (None: unless `seer data pack` wrote the shards, see needs_guard).
     """
     _check_device(device)
     if device == "cuda" and device_id is None:
@@ -595,15 +469,17 @@ def build_train_loader(
 # ------------------------------------------------------------------------------------------------------ eval
 def define_eval_pipeline(
     shards_dir, *, size, channels, mean, std, batch_size, num_threads=2, shard_id=0, num_shards=1, device="cpu",
-    device_id=None, with_index=False, guard=True,
+    device_id=None, with_index=False, guard=None,
 ) -> tuple[Pipeline, list[str]]:
     """The eval graph (not built): every sample once, in stored order, resized to size×size, normalized.
 
-    guard: check and replace bad samples (adds the "replaced" output); False only to serialize the graph.
+    guard: check and replace bad samples (adds the "replaced" output); None: unless pack checked them
+    (needs_guard); False also to serialize the graph.
     """
     _check_device(device)
     _check_channels(channels, mean, std)
     manifest, tars, idxs = read_manifest(shards_dir)
+    guard = needs_guard(shards_dir) if guard is None else guard
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
     with pipe:
         jpegs, labels = _read_samples(
@@ -646,7 +522,8 @@ class EvalLoader:
                 pass
         self._mid_pass = True
         for (batch,) in self._iterator:
-            self.bad_samples += int(batch["replaced"].sum())
+            if "replaced" in batch:
+                self.bad_samples += int(batch["replaced"].sum())
             out = {"image": batch["image"], "label": TrainLoader._labels(batch, batch["image"])}
             if self.with_index:
                 out["index"] = _ascii_to_int(batch["index"])

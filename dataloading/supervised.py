@@ -25,34 +25,30 @@ from dataloading.pipeline import (
     _normalize,
     _rank_seed,
     _read_samples,
+    class_names,
+    needs_guard,
     read_manifest,
 )
-
-
-def labelled_shards(shards_dir: str | os.PathLike) -> tuple[list[str], list[str], list[str]]:
-    """Class names, tar paths and index paths of a packed folder; a clear error when it was packed without labels."""
-    manifest, tars, idxs = read_manifest(shards_dir)
-    if manifest["classes"] is None:
-        raise ValueError(f"{shards_dir} holds unlabelled images (packed with --no-labels or from a flat folder): "
-                         "supervised training needs class labels")
-    return manifest["classes"], tars, idxs
 
 
 def define_supervised_pipeline(
     shards_dir, *, size: int, scale: tuple[float, float], channels: int, mean, std, batch_size: int,
     flip_p: float = 0.5, num_threads: int = 2, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
-    device: str = "cpu", device_id: int | None = None, with_index: bool = False, guard: bool = True,
+    device: str = "cpu", device_id: int | None = None, with_index: bool = False, guard: bool | None = None,
 ) -> tuple[Pipeline, list[str]]:
     """The supervised train graph (not built) and the names of its outputs: "image", "label" (, "replaced", "index").
 
-    guard: check and replace bad samples (dataloading.pipeline's guard); False only to serialize the graph.
+    guard: check and replace bad samples (dataloading.pipeline's guard); None: unless pack checked them
+    (needs_guard); False also to serialize the graph.
     """
     _check_device(device)
     _check_channels(channels, mean, std)
     low, high = scale
     if not 0 < low <= high <= 1:
         raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {tuple(scale)}")
-    _, tars, idxs = labelled_shards(shards_dir)
+    class_names(shards_dir, "the supervised loader's shards")  # labels are what it trains on
+    _, tars, idxs = read_manifest(shards_dir)
+    guard = needs_guard(shards_dir) if guard is None else guard
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     seed=_rank_seed(seed, shard_id))
     with pipe:

@@ -116,11 +116,11 @@ def benchmark_script(name: str):
 
 
 def _bench_train(args) -> None:
-    benchmark_script("train").run(args, sys.argv[sys.argv.index("train") + 1:])
+    benchmark_script("train").run(args, args.command_line[2:])  # recorded as the command after `seer bench train`
 
 
 def _bench_data(args) -> None:
-    benchmark_script("data").run(args, sys.argv[sys.argv.index("data") + 1:])
+    benchmark_script("data").run(args, args.command_line[2:])  # recorded as the command after `seer bench data`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     try:
         args.run(args)
         code = 0

@@ -272,6 +272,10 @@ def _check(cfg: Config) -> None:
     need(train.precision in ("fp32", "bf16", "fp16"),
          f"train.precision must be fp32, bf16 or fp16, got {train.precision!r}")
     need(train.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {train.zero_stage}")
+    # DeepSpeed's per-group GradScaler steps would let ranks skip steps on their own partition's overflow.
+    need(not (train.precision == "fp16" and train.zero_stage > 0),
+         "train.precision=fp16 needs train.zero_stage=0 (its loss scaling is not synchronized over ZeRO partitions); "
+         "use bf16 with ZeRO")
     need(train.log_every > 0 and train.checkpoint_every > 0, "train.log_every and train.checkpoint_every must be > 0")
     need(train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {train.keep_checkpoints}")
     need(train.resume in ("auto", "never", "must"), f"train.resume must be auto, never or must, got {train.resume!r}")

@@ -126,20 +126,35 @@ def load_weights_into(backbone: nn.Module, weights: BackboneWeights, target: str
     backbone.load_state_dict(state, strict=True)
 
 
-def _with_architecture(weights: BackboneWeights) -> BackboneWeights:
-    if weights.name is None or weights.in_chans is None:
+def _architecture(weights: BackboneWeights, default_name: str | None = None,
+                  default_chans: int | None = None) -> tuple[str, int]:
+    """The backbone name and input channels of `weights` (the defaults where the file does not say)."""
+    name, in_chans = weights.name or default_name, weights.in_chans or default_chans
+    if name is None or in_chans is None:
         raise ValueError(f"{weights.path} does not say which backbone it holds (no seer metadata): load it with "
                          f"timm.create_model(<name>, num_classes=0, checkpoint_path=...), or pretrain from it "
                          f"with model.init_weights")
-    return weights
+    return name, in_chans
+
+
+def backbone_from_weights(weights: BackboneWeights, *, channels: int | None = None, default_name: str | None = None,
+                          label: str = "") -> tuple[nn.Module, str]:
+    """The backbone `weights` describe, loaded strictly, and its name.
+
+    channels: what the caller will feed it (data.channels); a file for other images is an error.
+    default_name: the backbone a file without seer metadata (e.g. written by timm) is taken to be.
+    """
+    name, in_chans = _architecture(weights, default_name, channels)
+    if channels is not None and in_chans != channels:
+        raise ValueError(f"{weights.path} takes {in_chans}-channel images but data.channels is {channels}")
+    backbone = build_backbone(name, in_chans=in_chans)
+    load_weights_into(backbone, weights, f"backbone {name} (in_chans={in_chans})", label=label)
+    return backbone, name
 
 
 def load_backbone_weights(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """The backbone stored at `path` (exported .safetensors or backbone_*.pt), in eval mode."""
-    weights = _with_architecture(read_weights(path))
-    backbone = build_backbone(weights.name, in_chans=weights.in_chans)
-    load_weights_into(backbone, weights, f"backbone {weights.name} (in_chans={weights.in_chans})")
-    return backbone.to(device).eval()
+    return backbone_from_weights(read_weights(path))[0].to(device).eval()
 
 
 def export(checkpoint: str | Path, out: str | Path) -> dict:
@@ -149,7 +164,7 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
     if out.suffix != ".safetensors":
         raise ValueError(f"export writes safetensors: name the output *.safetensors, got {out}")
     weights = read_deepspeed_checkpoint(checkpoint) if checkpoint.is_dir() else read_weights(checkpoint)
-    weights = _with_architecture(weights)
+    _architecture(weights)
     spec = PRESETS.get(weights.name, weights.name)
     target = f"backbone {weights.name} (in_chans={weights.in_chans})"
     # The file must load strictly as it is: checked against the architecture built on the meta device (no memory).

@@ -20,40 +20,35 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from dataloading.pipeline import build_eval_loader
-from dataloading.supervised import build_supervised_loader, labelled_shards
+from dataloading.pipeline import build_eval_loader, matching_class_names
+from dataloading.supervised import build_supervised_loader
 from engine.classifier import Classifier, save_classifier
 from engine.config import Config, ConfigError, OptimConfig, load_config
 from engine.distributed import DistInfo, all_reduce_mean, init_distributed, run_rank_and_exit
-from engine.export import load_weights_into, read_weights
+from engine.export import backbone_from_weights, read_weights
 from engine.metrics import MetricsWriter
 from engine.models import build_backbone
 from engine.optim import build_optimizer, lr_schedule
-from engine.pretrain import git_commit, deepspeed_config
+from engine.pretrain import deepspeed_config, git_commit
 
 CLASSIFIER_FILE = "classifier.pt"
 
 
-def _classes(shards: str, key: str) -> list[str]:
-    if not shards:
-        raise ConfigError(f"{key} is not set: give it a folder of labelled shards (written by `seer data pack`)")
+def _classes(ft) -> list[str]:
+    """The class names of finetune.train_shards, which finetune.test_shards must share."""
+    for key in ("train_shards", "test_shards"):
+        if not getattr(ft, key):
+            raise ConfigError(f"finetune.{key} is not set: give it a folder of labelled shards (`seer data pack`)")
     try:
-        classes, _, _ = labelled_shards(shards)
+        return matching_class_names(ft.train_shards, ft.test_shards, "finetune.train_shards", "finetune.test_shards")
     except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"{key}: {err}") from None
-    return classes
+        raise ConfigError(str(err)) from None
 
 
 class Finetuner:
     def __init__(self, cfg: Config, weights: str):
         self.cfg, self.weights, ft = cfg, weights, cfg.finetune
-        self.classes = _classes(ft.train_shards, "finetune.train_shards")
-        test_classes = _classes(ft.test_shards, "finetune.test_shards")
-        if test_classes != self.classes:
-            raise ConfigError(
-                f"finetune.test_shards has {len(test_classes)} classes ({', '.join(test_classes[:3])}, ...) but "
-                f"finetune.train_shards has {len(self.classes)} ({', '.join(self.classes[:3])}, ...): "
-                "pack both with the same class list")
+        self.classes = _classes(ft)
         self.output_dir = Path(ft.output_dir)
         if (self.output_dir / "metrics.jsonl").exists():
             raise FileExistsError(f"{self.output_dir} already holds a fine-tuning run: set finetune.output_dir "
@@ -98,13 +93,11 @@ class Finetuner:
         channels = self.cfg.data.channels
         if weights == "random":
             return build_backbone(self.cfg.model.backbone, in_chans=channels), self.cfg.model.backbone
-        saved = read_weights(weights)
-        name = saved.name or self.cfg.model.backbone
-        if (saved.in_chans or channels) != channels:
-            raise ConfigError(f"{weights} takes {saved.in_chans}-channel images but data.channels is {channels}")
-        backbone = build_backbone(name, in_chans=channels)
-        load_weights_into(backbone, saved, f"backbone {name} (in_chans={channels})", label="--weights")
-        return backbone, name
+        try:
+            return backbone_from_weights(read_weights(weights), channels=channels,
+                                         default_name=self.cfg.model.backbone, label="--weights")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def train(self) -> dict:
         ft = self.cfg.finetune

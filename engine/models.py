@@ -6,7 +6,9 @@ from contextlib import nullcontext
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models._manipulate import named_apply
 from timm.models.regnet import RegNet, RegNetCfg
+from timm.models.regnet import _init_weights as regnet_init_weights
 from torch import nn
 
 import kernels
@@ -36,15 +38,42 @@ def build_backbone(name: str, *, in_chans: int = 3, device: torch.device | str |
     is an honest one.
     """
     spec = PRESETS.get(name, name)
+    if not isinstance(spec, RegNetCfg) and (not spec.startswith("regnet") or not timm.is_model(spec)):
+        raise ValueError(
+            f"unknown backbone {name!r}: use one of {', '.join(PRESETS)} or a timm RegNet name "
+            f"(e.g. {', '.join(timm.list_models('regnety_0*')[:3])})"
+        )
     with torch.device(device) if device is not None else nullcontext():
         if isinstance(spec, RegNetCfg):
-            return RegNet(spec, in_chans=in_chans, num_classes=0, zero_init_last=False)
-        if not spec.startswith("regnet") or not timm.is_model(spec):
-            raise ValueError(
-                f"unknown backbone {name!r}: use one of {', '.join(PRESETS)} or a timm RegNet name "
-                f"(e.g. {', '.join(timm.list_models('regnety_0*')[:3])})"
-            )
-        return timm.create_model(spec, pretrained=False, num_classes=0, in_chans=in_chans, zero_init_last=False)
+            backbone = RegNet(spec, in_chans=in_chans, num_classes=0, zero_init_last=False)
+        else:
+            backbone = timm.create_model(spec, pretrained=False, num_classes=0, in_chans=in_chans, zero_init_last=False)
+    if is_partitioned(backbone):
+        _initialize_partitioned(backbone)
+    return backbone
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """Built under deepspeed.zero.Init (ZeRO-3): each parameter holds only this rank's partition."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _initialize_partitioned(backbone: nn.Module) -> None:
+    """Run timm's RegNet weight init again, one module at a time with its parameters gathered.
+
+    Under deepspeed.zero.Init a module's parameters are partitioned as soon as its own __init__ returns, so the init
+    pass RegNet.__init__ makes over its finished children wrote into empty partitions. Repeating it in the same
+    (depth-first) order draws the same random numbers, so ZeRO-3 starts from exactly the weights of stages 0-2, and
+    only one module is ever whole in memory.
+    """
+    import deepspeed
+
+    def init_gathered(module: nn.Module, name: str) -> None:
+        params = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=bool(params)):
+            regnet_init_weights(module, name, zero_init_last=False)
+
+    named_apply(init_gathered, backbone)
 
 
 class SwAVHead(nn.Module):
@@ -84,7 +113,9 @@ class SwAVHead(nn.Module):
         # (assigned crops x B) x K score matrix, small next to the backbone.
         assigned = embeddings.view(n_crops, -1, embeddings.shape[1])[list(self.swav_options["crops_for_assign"])]
         nearest = (F.normalize(assigned.flatten(0, 1).float(), dim=1) @ self.prototypes.float().T).argmax(dim=1)
-        counts = torch.bincount(nearest, minlength=self.num_prototypes)
+        # Not bincount: on CUDA it reads the largest index on the host to size its output, a sync every step.
+        counts = torch.zeros(self.num_prototypes, dtype=torch.long, device=nearest.device)
+        counts.index_add_(0, nearest, torch.ones_like(nearest))
         self.assignment_counts = counts if self.assignment_counts is None else self.assignment_counts + counts
 
     def take_assignment_counts(self) -> torch.Tensor | None:
@@ -127,8 +158,13 @@ def build_swav_model(cfg, group=None, bn_group=None) -> SwAVModel:
     if cfg.model.init_weights:
         from engine.export import load_weights_into, read_weights  # here: engine.export imports this module
 
-        load_weights_into(backbone, read_weights(cfg.model.init_weights),
-                          f"backbone {cfg.model.backbone} (in_chans={cfg.data.channels})", label="model.init_weights")
+        import deepspeed
+
+        # ZeRO-3 (built under deepspeed.zero.Init): the backbone is whole on each rank while the file is loaded.
+        with deepspeed.zero.GatheredParameters(list(backbone.parameters()), modifier_rank=0,
+                                               enabled=is_partitioned(backbone)):
+            load_weights_into(backbone, read_weights(cfg.model.init_weights),
+                              f"backbone {cfg.model.backbone} (in_chans={cfg.data.channels})", label="model.init_weights")
     swav = cfg.swav
     head = SwAVHead(
         backbone.num_features, cfg.model.head_hidden_dims, cfg.model.embedding_dim, cfg.model.num_prototypes,

@@ -264,7 +264,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         if name.endswith("prototypes"):
             groups[PROTOTYPES].append(p)
-        elif p.ndim <= 1:
+        elif len(getattr(p, "ds_shape", p.shape)) <= 1:  # ds_shape: built under ZeRO-3's zero.Init, p is empty
             groups[NO_DECAY].append(p)
         else:
             groups[WEIGHTS].append(p)

@@ -14,6 +14,7 @@ Model state per rank (bytes per parameter: weights w, gradients g, optimizer sta
                          autograd keeps for backward (not sharded): train.precision bf16/fp16 is autocast over fp32
                          weights (SEER's AMP), not DeepSpeed's 16-bit weights.
 
+    ZeRO-1/2 also keep an fp32 master copy of this rank's partition, even of fp32 weights: + 4(P + K·D) / N.
     ZeRO-3 also gathers parameters layer by layer: + min(P, 1e9)·w bytes at most (DeepSpeed's default
     stage3_max_live_parameters), an upper bound.
 
@@ -375,6 +376,7 @@ def state_bytes(counts: dict[str, int], precision: str, zero: int, gpus: int) ->
         "gradients": (dense * g + protos * pg) / shard["gradients"],
         "optimizer": (dense * o + protos * po) / shard["optimizer"],
         "autocast_weight_copies": dense * AUTOCAST_COPY_BYTES if precision != "fp32" else 0.0,
+        "zero12_master_partition": (dense + protos) * 4 / gpus if zero in (1, 2) else 0.0,
         "zero3_gathered": min(dense + protos, ZERO3_MAX_LIVE_PARAMETERS) * w if zero == 3 else 0.0,
     }
 
@@ -462,6 +464,8 @@ def format_plan(p: dict) -> str:
     ]
     if b["autocast_weight_copies"]:
         lines.append(f"  {'16-bit weight copies made by autocast':<44}{size(b['autocast_weight_copies'])}   2P")
+    if b["zero12_master_partition"]:
+        lines.append(f"  {'ZeRO-1/2 fp32 master partition':<44}{size(b['zero12_master_partition'])}   (4P + 4Q) / {n}")
     if b["zero3_gathered"]:
         lines.append(f"  {'ZeRO-3 gathered parameters (upper bound)':<44}{size(b['zero3_gathered'])}   "
                      f"min(P + Q, 1e9) x {w}")

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from dataloading.pipeline import image_file_batches, read_manifest
+from dataloading.pipeline import image_file_batches, matching_class_names
 from engine.classifier import Classifier, load_classifier, save_classifier
 from engine.evaluate import FeatureCache, split_features
-from engine.export import load_weights_into, read_weights
-from engine.models import build_backbone
+from engine.export import backbone_from_weights, read_weights
 from engine.probes import fit_linear_probe
 
 
@@ -21,24 +20,10 @@ def save_linear_head(weights_path: str | Path, cfg, out: str | Path, image_size:
     """Fit the linear probe of `seer eval linear` on the frozen features of cfg.eval.train_shards and save it,
     with the backbone at `weights_path`, as a Classifier file (engine.classifier). Returns the probe's test
     top-1 on cfg.eval.test_shards, the `linear_top1` of `seer eval linear`."""
-    weights = read_weights(weights_path)
-    if weights.name is None:
-        raise ValueError(f"{weights_path} does not say which backbone it holds: use a backbone_*.pt file of "
-                         f"pretraining or a file written by `seer export`")
-    if weights.in_chans != cfg.data.channels:
-        raise ValueError(f"data.channels={cfg.data.channels} but the backbone in {weights_path} takes "
-                         f"{weights.in_chans} channel(s)")
-    classes = read_manifest(cfg.eval.train_shards)[0]["classes"]
-    test_classes = read_manifest(cfg.eval.test_shards)[0]["classes"]
-    if not classes:
-        raise ValueError(f"eval.train_shards={cfg.eval.train_shards} has no labels: a classifier needs shards "
-                         f"packed with labels (class folders or a dataset)")
-    if test_classes != classes:
-        raise ValueError(f"eval.test_shards={cfg.eval.test_shards} has classes {test_classes}, "
-                         f"eval.train_shards has {classes}: pack both with the same class folders")
-    backbone = build_backbone(weights.name, in_chans=weights.in_chans)
-    load_weights_into(backbone, weights, f"backbone {weights.name} (in_chans={weights.in_chans})")
+    backbone, name = backbone_from_weights(read_weights(weights_path), channels=cfg.data.channels)
     backbone.eval()
+    classes = matching_class_names(cfg.eval.train_shards, cfg.eval.test_shards, "eval.train_shards",
+                                   "eval.test_shards")
     size = image_size or cfg.eval.image_size
     features = split_features(backbone, cfg, image_size=size, cache=FeatureCache.beside(weights_path))
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
@@ -46,7 +31,7 @@ def save_linear_head(weights_path: str | Path, cfg, out: str | Path, image_size:
     classifier = Classifier(backbone, len(classes), normalize_features=True, feature_mean=probe.mean,
                             feature_std=probe.std)
     classifier.head.load_state_dict(probe.classifier.state_dict())
-    save_classifier(out, classifier, backbone_name=weights.name, in_chans=weights.in_chans, image_size=size,
+    save_classifier(out, classifier, backbone_name=name, in_chans=cfg.data.channels, image_size=size,
                     mean=cfg.data.mean, std=cfg.data.std, class_names=classes, source="linear_probe")
     return {"linear_top1": probe.accuracy(test_x, test_y)}
 

@@ -70,16 +70,17 @@ class Pretrainer:
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", self.dist.rank, self.dist.world_size,
                                          keep=cfg.train.keep_checkpoints)
         resume_tag = self.checkpointer.resume_tag({True: "must", False: "never", None: cfg.train.resume}[resume])
+        ds_config = deepspeed_config(batch_size=cfg.train.batch_size, world_size=self.dist.world_size,
+                                     zero_stage=cfg.train.zero_stage, gradient_clipping=cfg.optim.gradient_clipping,
+                                     precision=cfg.train.precision)
+        bn_group = batch_norm_group(cfg.model.sync_bn_group_size)
         torch.manual_seed(cfg.train.seed)
-        model = build_swav_model(cfg, group=self.dist.group,
-                                 bn_group=batch_norm_group(cfg.model.sync_bn_group_size)).to(self.dist.device)
+        # ZeRO-3: every rank allocates only its partition of each parameter while the model is built.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.train.zero_stage == 3):
+            model = build_swav_model(cfg, group=self.dist.group, bn_group=bn_group)
+        model = model.to(self.dist.device)
         optimizer = build_optimizer(model, cfg.optim)
-        self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer,
-            config=deepspeed_config(batch_size=cfg.train.batch_size, world_size=self.dist.world_size,
-                                    zero_stage=cfg.train.zero_stage, gradient_clipping=cfg.optim.gradient_clipping,
-                                    precision=cfg.train.precision),
-        )
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         optimizer.attach_zero_layout(self.engine)  # LARS norms of whole parameters, not of ZeRO's partitions
         self.model = self.engine.module
         if cfg.train.zero_stage == 0:
@@ -87,6 +88,9 @@ class Pretrainer:
             # parameters as views of flat buffers, which a layout change would cut loose.
             self.model.to(memory_format=self.model.memory_format)
         else:
+            if self.model.memory_format == torch.channels_last and self.dist.is_main:
+                print("note: model.channels_last is not applied under train.zero_stage >= 1 (ZeRO keeps weights as "
+                      "NCHW views of its flat buffers); training runs NCHW", file=sys.stderr)
             self.model.memory_format = torch.contiguous_format  # NHWC inputs against NCHW weights are slow
         self.lr = schedules(cfg, cfg.train.batch_size * self.dist.world_size)
         self.loader = build_train_loader(
@@ -148,7 +152,8 @@ class Pretrainer:
                 self.save_checkpoint()
         bar.close()
         self.save_backbone(self.output_dir / "backbone_final.pt")
-        return {"steps": self.step, "output_dir": str(self.output_dir), "rank_divergence": self.rank_divergence()}
+        return {"steps": self.step, "output_dir": str(self.output_dir), "rank_divergence": self.rank_divergence(),
+                "parameters_on_rank": self.parameters_on_rank()}
 
     def train_step(self, crops: list[torch.Tensor]) -> torch.Tensor:
         for group in self.engine.optimizer.param_groups:
@@ -182,6 +187,10 @@ class Pretrainer:
                 state = {k: v.detach().cpu().clone() for k, v in self.model.backbone.state_dict().items()}
                 torch.save({"backbone": self.cfg.model.backbone, "in_chans": self.cfg.data.channels,
                             "state_dict": state}, path)
+
+    def parameters_on_rank(self) -> int:
+        """Parameter elements this rank holds: all of them, or its ZeRO-3 partitions."""
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
 
     def rank_divergence(self) -> float | None:
         """Largest parameter difference between any rank and rank 0: data parallelism must keep it 0."""

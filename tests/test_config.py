@@ -35,8 +35,11 @@ def test_overrides_win_and_are_typed():
         (["swav.crops_for_assign=[0, 6]"], "swav.crops_for_assign [0, 6] must index the 6 crops"),
         (["data.channels=3"], "data.mean and data.std need one value per channel"),
         (["train.precision=fp8"], "train.precision must be fp32, bf16 or fp16"),
+        (["train.precision=fp16", "train.zero_stage=2"], "train.precision=fp16 needs train.zero_stage=0"),
         (["data.output_dtype=bfloat16"], "data.output_dtype=bfloat16 needs train.precision=bf16 or fp16"),
         (["data.augment.blur_p=2"], "data.augment.blur_p is a probability"),
+        (["data.augment.hue=0.7"], "data.augment.hue is a fraction of the colour circle"),
+        (["data.augment.contrast=-1"], "data.augment.contrast is a strength"),
         (["steps"], "override 'steps' must look like section.key=value"),
     ],
 )

@@ -19,13 +19,13 @@ from PIL import Image
 from dataloading import pack as pack_module
 from dataloading import sources
 from dataloading.config import AugmentConfig, CropGroup, DataConfig
+from dataloading.jpeg import jpeg_problem
 from dataloading.pack import pack
 from dataloading.pipeline import (
     build_eval_loader,
     build_train_loader,
     define_eval_pipeline,
     define_train_pipeline,
-    jpeg_problem,
 )
 from dataloading.sources import load_idx
 from dataloading.torch_baseline import PillowTrainLoader
@@ -370,6 +370,7 @@ def _run_python(code: str, *args) -> subprocess.CompletedProcess:
 GUARDED_RUN = """
 import json, sys
 from dataloading.config import AugmentConfig, CropGroup, DataConfig
+from dataloading.jpeg import jpeg_problem
 from dataloading.pipeline import build_train_loader
 
 plain = AugmentConfig(flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
@@ -524,3 +525,14 @@ def test_gpu_graphs_serialize_without_a_gpu(shards, channels):
     assert b"Hsv" in graph or channels == 1
     evaluation, _ = define_eval_pipeline(shards, size=32, batch_size=8, device="cuda", guard=False, **stats)
     assert b"mixed" in evaluation.serialize()
+
+
+def test_guard_runs_unless_pack_checked_every_jpeg(shards, foreign_shard):
+    from dataloading.pipeline import needs_guard
+
+    assert not needs_guard(shards)  # `seer data pack` ran jpeg_problem on every JPEG it stored
+    assert needs_guard(foreign_shard[0])  # written by another tool: each sample is checked while loading
+    names = define_train_pipeline(DataConfig(train_shards=shards, crops=CROPS, **GRAY), batch_size=8)[1]
+    assert "replaced" not in names
+    forced = define_train_pipeline(DataConfig(train_shards=shards, crops=CROPS, **GRAY), batch_size=8, guard=True)[1]
+    assert "replaced" in forced

@@ -114,7 +114,8 @@ def test_supervised_gpu_graph_serializes_without_a_gpu(shards):
     pipe, names = define_supervised_pipeline(shards["train"], size=24, scale=(0.6, 1.0), batch_size=8, device="cuda",
                                              guard=False, **GRAY)  # DALI cannot serialize the guard's Python op
     assert names == ["image", "label"] and pipe.serialize()
-    guarded = define_supervised_pipeline(shards["train"], size=24, scale=(0.6, 1.0), batch_size=8, **GRAY)[1]
+    guarded = define_supervised_pipeline(shards["train"], size=24, scale=(0.6, 1.0), batch_size=8, guard=True,
+                                         **GRAY)[1]
     assert guarded == ["image", "replaced", "label"]
 
 
@@ -184,7 +185,7 @@ def test_unusable_configs_are_one_clear_error(finetuned, shards, unlabelled, tmp
         finetune_config(shards, tmp_path / "x", "finetune.steps=0")
     with pytest.raises(ConfigError, match=r"finetune.crop_scale must satisfy"):
         finetune_config(shards, tmp_path / "x", "finetune.crop_scale=[0.5, 1.5]")
-    with pytest.raises(ConfigError, match="finetune.train_shards: .* holds unlabelled images"):
+    with pytest.raises(ConfigError, match="finetune.train_shards=.* holds unlabelled images"):
         finetune(finetune_config(shards, tmp_path / "x", f"finetune.train_shards={unlabelled}"), "random")
     with pytest.raises(ConfigError, match="finetune.test_shards is not set"):
         finetune(finetune_config(shards, tmp_path / "x", "finetune.test_shards=''"), "random")
@@ -199,4 +200,4 @@ def test_cli_reports_unlabelled_shards_in_one_line(unlabelled, tmp_path):
     cli = subprocess.run([str(seer), "finetune", "--weights", "random", f"finetune.train_shards={unlabelled}",
                           f"finetune.output_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
-    assert cli.stderr.strip().splitlines()[-1].startswith("seer: error: finetune.train_shards: ")
+    assert cli.stderr.strip().splitlines()[-1].startswith("seer: error: finetune.train_shards=")

@@ -212,6 +212,7 @@ def bad_files(good: dict) -> dict[str, tuple[bytes, str]]:
         "a/bomb.png": (blank_png(9500, 9500), "too_many_pixels"),  # 90 Mpx: Pillow itself only warns
         "b/bomb-huge.png": (blank_png(14000, 14000), "too_many_pixels"),  # 196 Mpx: Pillow refuses it at open
         "a/strip.png": (blank_png(3000, 2), "extreme_aspect_ratio"),
+        "b/panorama.png": (blank_png(33000, 700), "side_too_long"),  # DALI's crop crashes past 32,768 px
         "a/image.pcx": (encode(smooth_rgb(20, 20), "PCX"), "unsupported_format"),
         "b/float.tiff": (encode(np.ones((20, 20), np.float32), "TIFF"), "unsupported_mode"),
         "stray.jpg": (good["a/baseline.jpg"][0], "outside_class_folder"),

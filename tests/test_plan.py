@@ -47,6 +47,7 @@ def test_state_bytes_are_counts_times_dtype_sizes_sharded_by_zero(seer_head_mode
     assert got["gradients"] == (dense * weight + protos * fp32) / (n if zero >= 2 else 1)
     assert got["optimizer"] == (dense * optimizer + protos * fp32) / (n if zero >= 1 else 1)
     assert got["autocast_weight_copies"] == (dense * bf16 if precision != "fp32" else 0)
+    assert got["zero12_master_partition"] == ((dense + protos) * fp32 / n if zero in (1, 2) else 0)
     assert got["zero3_gathered"] == (min(dense + protos, 10**9) * weight if zero == 3 else 0)
 
 
