@@ -115,12 +115,20 @@ def test_zero_stages_keep_prototypes_unit_norm_and_match_stage_0(shards, tmp_pat
     common = ("optim.name=sgd", "train.steps=4", "model.channels_last=false")
     pretrain(tiny_config(shards, tmp_path / "stage0", *common))
     trainer = Pretrainer(tiny_config(shards, tmp_path / f"stage{stage}", *common, f"train.zero_stage={stage}"))
+    norms, normalize = [], trainer.normalize_prototypes
+
+    def normalize_and_record():  # after every step: ZeRO's fp32 copy, gathered
+        normalize()
+        norms.append(safe_get_full_fp32_param(trainer.model.head.prototypes).norm(dim=1))
+
+    trainer.normalize_prototypes = normalize_and_record
     try:
         trainer.train()
-        master = safe_get_full_fp32_param(trainer.model.head.prototypes)  # ZeRO's fp32 copy, gathered
     finally:
         trainer.close()
-    torch.testing.assert_close(master.norm(dim=1), torch.ones(20))
+    assert len(norms) == 4
+    for step_norms in norms:
+        torch.testing.assert_close(step_norms, torch.ones(20))
     reference, sharded = final_weights(tmp_path / "stage0"), final_weights(tmp_path / f"stage{stage}")
     for name in reference:
         torch.testing.assert_close(sharded[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
