@@ -342,7 +342,26 @@ def define_train_pipeline(
     return pipe, [f"crop{i}" for i in range(len(crops))] + flag_names + meta_names
 
 
-class TrainLoader:
+class EpochIterator:
+    """Endless iteration over the epochs of a DALI iterator (`self._iterator`, auto_reset): counts epochs and steps."""
+
+    epoch: int
+    step: int
+
+    def __iter__(self):
+        return self
+
+    def _next_batch(self) -> dict:
+        try:
+            (batch,) = next(self._iterator)
+        except StopIteration:  # end of an epoch; auto_reset has already rewound the iterator
+            self.epoch += 1
+            (batch,) = next(self._iterator)
+        self.step += 1
+        return batch
+
+
+class TrainLoader(EpochIterator):
     """Endless iterator of multi-crop batches: {"crops": [B×C×size×size per crop], "label": int64 (B,)}.
 
     Crops are crop-major (group 0 copy 0, group 0 copy 1, ..., group 1 copy 0, ...), in cfg.output_dtype, on the
@@ -382,16 +401,8 @@ class TrainLoader:
                 f"{self.shard_id}/{self.num_shards} in {self.cfg.train_shards}"
             )
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict:
-        try:
-            (batch,) = next(self._iterator)
-        except StopIteration:  # end of an epoch; auto_reset has already rewound the iterator
-            self.epoch += 1
-            (batch,) = next(self._iterator)
-        self.step += 1
+        batch = self._next_batch()
         if self.guard:
             self.bad_samples += int(batch["replaced"].sum())
         crops = [self._model_input(batch[f"crop{i}"]) for i in range(len(self.crop_sizes))]

@@ -16,6 +16,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from dataloading.pipeline import (
     ASPECT_RATIO,
     READER,
+    EpochIterator,
     _ascii_to_int,
     _check_channels,
     _check_device,
@@ -69,7 +70,7 @@ def define_supervised_pipeline(
     return pipe, ["image"] + flag_names + meta_names
 
 
-class SupervisedLoader:
+class SupervisedLoader(EpochIterator):
     """Endless iterator of {"image": B×C×size×size float, "label": int64 (B,)} (+ "index" with with_index).
 
     Each epoch yields floor(samples_per_epoch / batch_size) full batches of this rank's shard, then the next epoch
@@ -91,16 +92,8 @@ class SupervisedLoader:
         self.step = 0  # batches yielded in total
         self.bad_samples = 0  # samples the guard replaced by a gray image
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict[str, torch.Tensor]:
-        try:
-            (batch,) = next(self._iterator)
-        except StopIteration:  # end of an epoch; auto_reset has already rewound the iterator
-            self.epoch += 1
-            (batch,) = next(self._iterator)
-        self.step += 1
+        batch = self._next_batch()
         if "replaced" in batch:
             self.bad_samples += int(batch["replaced"].sum())
         out = {"image": batch["image"], "label": _ascii_to_int(batch["label"])}

@@ -1,6 +1,7 @@
 """Process-group set-up (one process or the DeepSpeed launcher's ranks) and a clean exit."""
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -85,6 +86,15 @@ def shutdown_and_exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def launched_arguments(prog: str, description: str, add_arguments: Callable, argv: list[str] | None):
+    """The arguments of an entry point run by the DeepSpeed launcher, which also passes --local_rank."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
 
 def run_rank_and_exit(work: Callable[[], dict]) -> None:

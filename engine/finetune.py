@@ -24,7 +24,7 @@ from dataloading.pipeline import build_eval_loader, matching_class_names
 from dataloading.supervised import build_supervised_loader
 from engine.classifier import Classifier, save_classifier
 from engine.config import Config, ConfigError, OptimConfig, load_config
-from engine.distributed import DistInfo, all_reduce_mean, init_distributed, run_rank_and_exit
+from engine.distributed import DistInfo, all_reduce_mean, init_distributed, launched_arguments, run_rank_and_exit
 from engine.export import backbone_from_weights, read_weights
 from engine.metrics import MetricsWriter
 from engine.models import build_backbone
@@ -211,11 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="engine.finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
-    args = parser.parse_args(argv)
+    args = launched_arguments("engine.finetune", __doc__, add_arguments, argv)
     cfg = load_config(args.config, args.overrides)
     run_rank_and_exit(lambda: finetune(cfg, args.weights))
 

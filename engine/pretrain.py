@@ -24,7 +24,7 @@ from dataloading.pipeline import build_train_loader
 from engine.batchnorm import batch_norm_group
 from engine.checkpoint import Checkpointer
 from engine.config import Config, ConfigError, load_config
-from engine.distributed import DistInfo, all_reduce_mean, init_distributed, run_rank_and_exit
+from engine.distributed import DistInfo, all_reduce_mean, init_distributed, launched_arguments, run_rank_and_exit
 from engine.metrics import MetricsWriter
 from engine.models import build_swav_model
 from engine.monitor import TrainingMonitor
@@ -238,11 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="engine.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
-    args = parser.parse_args(argv)
+    args = launched_arguments("engine.pretrain", __doc__, add_arguments, argv)
     cfg = load_config(args.config, args.overrides)
     run_rank_and_exit(lambda: pretrain(cfg, resume=args.resume))
 
