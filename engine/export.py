@@ -77,9 +77,12 @@ def read_deepspeed_checkpoint(path: str | Path) -> BackboneWeights:
     else:
         raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint: expected train.output_dir/checkpoints (with a "
                                 f"`latest` file) or one of its step_XXXXXXXX folders")
+    from engine.checkpoint import read_manifest  # here: it imports DeepSpeed
+
+    if read_manifest(checkpoints / tag) is None:
+        raise ValueError(f"{checkpoints / tag} is not a complete checkpoint (no complete.json, or a file missing or "
+                         f"cut short): export the step `latest` names, or another complete step_XXXXXXXX folder")
     states_files = sorted((checkpoints / tag).glob("*model_states.pt"))
-    if not states_files:
-        raise FileNotFoundError(f"{checkpoints / tag} has no *model_states.pt file: the checkpoint is incomplete")
     run_config = checkpoints.parent / "config.yaml"
     if not run_config.is_file():
         raise FileNotFoundError(f"{run_config} not found: it names the backbone that {checkpoints} was trained with")

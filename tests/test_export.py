@@ -114,6 +114,9 @@ def test_export_from_deepspeed_checkpoint_equals_the_final_backbone(shards, tmp_
     for name in final:
         assert torch.equal(latest[name], final[name]) and torch.equal(step_2[name], final[name]), name
     assert not torch.equal(step_1["stem.conv.weight"], final["stem.conv.weight"])  # the step asked for, not `latest`
+    (run / "checkpoints" / "step_00000001" / "complete.json").unlink()  # as a save cut short would leave it
+    with pytest.raises(ValueError, match="step_00000001 is not a complete checkpoint"):
+        export(run / "checkpoints" / "step_00000001", tmp_path / "torn.safetensors")
 
 
 def test_init_weights_start_pretraining_from_the_file(shards, tmp_path):
