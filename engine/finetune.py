@@ -29,7 +29,7 @@ from engine.export import backbone_from_weights, read_weights
 from engine.metrics import MetricsWriter
 from engine.models import build_backbone
 from engine.optim import build_optimizer, lr_schedule
-from engine.pretrain import deepspeed_config, git_commit
+from engine.pretrain import autocast, deepspeed_config, git_commit, nchw_reason
 
 CLASSIFIER_FILE = "classifier.pt"
 
@@ -65,8 +65,8 @@ class Finetuner:
                                     zero_stage=ft.zero_stage, gradient_clipping=0.0, precision=ft.precision),
         )
         self.model = self.engine.module
-        # As in pretraining: NHWC only where DeepSpeed keeps dense parameters (ZeRO 0), converted after initialize.
-        channels_last = cfg.model.channels_last and ft.zero_stage == 0
+        # As in pretraining: NHWC only where it can be applied, converted after initialize.
+        channels_last = cfg.model.channels_last and nchw_reason(ft.zero_stage, ft.precision, self.dist.device) is None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=self.memory_format)
@@ -149,7 +149,8 @@ class Finetuner:
         """One optimizer step; returns the loss and the number of correctly classified images (detached)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.lr[self.step]
-        logits = self.engine(images.contiguous(memory_format=self.memory_format))  # autocast: finetune.precision
+        with autocast(self.cfg.finetune.precision, self.dist.device):
+            logits = self.engine(images.contiguous(memory_format=self.memory_format))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.finetune.label_smoothing)
         self.engine.backward(loss)
         self.engine.step()

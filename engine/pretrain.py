@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import deepspeed
@@ -35,13 +36,13 @@ def deepspeed_config(*, batch_size: int, world_size: int, zero_stage: int, gradi
                      precision: str) -> dict:
     """The DeepSpeed JSON, generated from the resolved config (no second config file to keep in step).
 
-    batch_size is per rank; shared by pretraining and fine-tuning. precision bf16/fp16 is DeepSpeed's torch_autocast
-    (SEER's mixed precision): fp32 weights and optimizer, convolutions and linear layers in 16 bits, their gradients
-    all-reduced in 16 bits; fp16 adds dynamic loss scaling.
+    batch_size is per rank; shared by pretraining and fine-tuning. fp16 is DeepSpeed's torch_autocast, for its
+    dynamic loss scaling (GPU, ZeRO 0). bf16 is not: through DeepSpeed 0.19.8's torch_autocast a tiny bf16 run on CPU
+    turned NaN at its second step in 4 of 15 runs (0 of 15 with torch.autocast around the forward pass, which
+    `autocast` below gives; gradients then stay fp32 end to end).
     """
-    autocast = {"enabled": precision != "fp32", **({"dtype": _AUTOCAST_DTYPES[precision]} if precision != "fp32" else {})}
     return {
-        "torch_autocast": autocast,
+        "torch_autocast": {"enabled": True, "dtype": "float16"} if precision == "fp16" else {"enabled": False},
         "train_micro_batch_size_per_gpu": batch_size,
         "train_batch_size": batch_size * world_size,
         "gradient_accumulation_steps": 1,
@@ -55,7 +56,20 @@ def deepspeed_config(*, batch_size: int, world_size: int, zero_stage: int, gradi
     }
 
 
-_AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+def nchw_reason(zero_stage: int, precision: str, device: torch.device) -> str | None:
+    """Why model.channels_last cannot be applied here, or None when it can."""
+    if zero_stage > 0:
+        return "under train.zero_stage >= 1 ZeRO keeps weights as NCHW views of its flat buffers"
+    if precision == "bf16" and device.type == "cpu":
+        # Seen with torch 2.14.1: some weights of grouped 3x3 convolutions turned NaN after one step in 4 of 15 tiny
+        # runs (0 of 12 in NCHW); helper runs also crashed in channels_last convolution backward on CPU.
+        return "bf16 on CPU: oneDNN's channels_last grouped-convolution backward returned NaN (torch 2.14.1)"
+    return None
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward pass's mixed precision: bf16 autocast over fp32 weights (SEER's AMP); fp16 is DeepSpeed's."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 class Pretrainer:
@@ -83,14 +97,13 @@ class Pretrainer:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         optimizer.attach_zero_layout(self.engine)  # LARS norms of whole parameters, not of ZeRO's partitions
         self.model = self.engine.module
-        if cfg.train.zero_stage == 0:
-            # After initialize: DeepSpeed's start-up broadcast needs dense parameters, and ZeRO >= 1 keeps
-            # parameters as views of flat buffers, which a layout change would cut loose.
+        # After initialize: DeepSpeed's start-up broadcast needs dense parameters.
+        nchw_because = nchw_reason(cfg.train.zero_stage, cfg.train.precision, self.dist.device)
+        if nchw_because is None:
             self.model.to(memory_format=self.model.memory_format)
         else:
             if self.model.memory_format == torch.channels_last and self.dist.is_main:
-                print("note: model.channels_last is not applied under train.zero_stage >= 1 (ZeRO keeps weights as "
-                      "NCHW views of its flat buffers); training runs NCHW", file=sys.stderr)
+                print(f"note: model.channels_last is not applied: {nchw_because}; training runs NCHW", file=sys.stderr)
             self.model.memory_format = torch.contiguous_format  # NHWC inputs against NCHW weights are slow
         self.lr = schedules(cfg, cfg.train.batch_size * self.dist.world_size)
         self.loader = build_train_loader(
@@ -158,7 +171,8 @@ class Pretrainer:
     def train_step(self, crops: list[torch.Tensor]) -> torch.Tensor:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.lr[group["name"]][self.step]
-        loss = self.engine(crops)  # under autocast when train.precision asks (DeepSpeed's torch_autocast)
+        with autocast(self.cfg.train.precision, self.dist.device):
+            loss = self.engine(crops)
         self.engine.backward(loss)
         self.engine.step()
         self.normalize_prototypes()
