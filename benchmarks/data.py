@@ -37,7 +37,7 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from swav_head import environment  # noqa: E402  (commit, versions, device name: one record schema)
+from swav_head import append_records, environment, script_main  # noqa: E402  (one record schema)
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROVIDERS = ("dali", "dali_guarded", "pillow")
@@ -151,20 +151,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     command = "seer bench data " + shlex.join(argv)
     for record in records:
         record["command"] = command
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else []
-    args.out.write_text(json.dumps(previous + records, indent=1) + "\n")
+    append_records(args.out, records)
     print(summary(records), file=sys.stderr)
     print(json.dumps({"out": str(args.out), **{r["provider"]: round(r["img_per_s"], 1) for r in records}}))
     return records
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks/data.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    argv = sys.argv[1:] if argv is None else argv
-    run(parser.parse_args(argv), argv)
+    script_main("benchmarks/data.py", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

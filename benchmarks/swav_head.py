@@ -285,6 +285,24 @@ def environment(device):
     return env
 
 
+def append_records(path: Path, records: list[dict]) -> Path:
+    """Append `records` to the JSON list at `path` (created, with its folder, when missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(previous + records, indent=1) + "\n")
+    return path
+
+
+def script_main(prog: str, description: str, add_arguments, run, argv: list[str] | None) -> None:
+    """`python benchmarks/X.py ...` for a benchmark that also runs as `seer bench X`: run(args, argv), where argv
+    (the arguments given) is recorded as the command that reproduces the result."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    run(parser.parse_args(argv), argv)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),

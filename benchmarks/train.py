@@ -46,7 +46,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from swav_head import environment  # noqa: E402  (commit, versions, device name: one record schema)
+from swav_head import append_records, environment, script_main  # noqa: E402  (one record schema)
 
 from engine import plan as capacity  # noqa: E402
 
@@ -225,12 +225,7 @@ def benchmark(preset: str, *, batch: int, steps: int, warmup: int, crops: str, p
 
 def write_record(record: dict, out: Path | None) -> Path:
     """Append `record` to `out` (default results/train_<preset>_<device>.json, a JSON list)."""
-    out = out or RESULTS / f"train_{record['preset']}_{record['device_tag']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    records = json.loads(out.read_text()) if out.exists() else []
-    records.append(record)
-    out.write_text(json.dumps(records, indent=1) + "\n")
-    return out
+    return append_records(out or RESULTS / f"train_{record['preset']}_{record['device_tag']}.json", [record])
 
 
 def _size(nbytes: float) -> str:
@@ -288,11 +283,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks/train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    argv = sys.argv[1:] if argv is None else argv
-    run(parser.parse_args(argv), argv)
+    script_main("benchmarks/train.py", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

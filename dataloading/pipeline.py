@@ -143,10 +143,11 @@ def _gray_jpeg() -> np.ndarray:
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
 
 
-def needs_guard(shards_dir: str | os.PathLike) -> bool:
-    """Whether the loaders must check every sample: not when `seer data pack` already checked them all with the
-    same jpeg_problem (its manifest says so), which saves a Python pass over every sample (16% of CPU loading)."""
-    return read_manifest(shards_dir)[0].get("jpeg_check") != JPEG_CHECK
+def needs_guard(manifest: dict) -> bool:
+    """Whether the loaders must check every sample of the packed folder with this manifest: not when `seer data
+    pack` already checked them all with the same jpeg_problem, which saves a Python pass over every sample (42 us
+    per image in benchmarks/results/data_cpu.json)."""
+    return manifest.get("jpeg_check") != JPEG_CHECK
 
 
 def _guard_batch(encoded: list[np.ndarray], sources: list[np.ndarray]) -> tuple[list, list]:
@@ -308,7 +309,7 @@ def define_train_pipeline(
     _check_channels(cfg.channels, cfg.mean, cfg.std)
     check_data_config(cfg)
     manifest, tars, idxs = read_manifest(cfg.train_shards)
-    guard = needs_guard(cfg.train_shards) if guard is None else guard
+    guard = needs_guard(manifest) if guard is None else guard
     pipe = Pipeline(
         batch_size=batch_size,
         num_threads=cfg.num_threads,
@@ -376,7 +377,7 @@ class TrainLoader(EpochIterator):
         self.cfg, self.batch_size, self.shard_id, self.num_shards = cfg, batch_size, shard_id, num_shards
         self.device, self.device_id, self.with_index = device, device_id, with_index
         self.channels_last, self.dtype = channels_last, getattr(torch, cfg.output_dtype)
-        self.guard = needs_guard(cfg.train_shards) if guard is None else guard
+        self.guard = needs_guard(read_manifest(cfg.train_shards)[0]) if guard is None else guard
         self.crop_sizes = [group.size for group in cfg.crops for _ in range(group.count)]
         self.epoch = 0  # epochs completed
         self.step = 0  # batches yielded in total
@@ -490,7 +491,7 @@ def define_eval_pipeline(
     _check_device(device)
     _check_channels(channels, mean, std)
     manifest, tars, idxs = read_manifest(shards_dir)
-    guard = needs_guard(shards_dir) if guard is None else guard
+    guard = needs_guard(manifest) if guard is None else guard
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
     with pipe:
         jpegs, labels = _read_samples(

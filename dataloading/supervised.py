@@ -48,8 +48,8 @@ def define_supervised_pipeline(
     if not 0 < low <= high <= 1:
         raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {tuple(scale)}")
     class_names(shards_dir, "the supervised loader's shards")  # labels are what it trains on
-    _, tars, idxs = read_manifest(shards_dir)
-    guard = needs_guard(shards_dir) if guard is None else guard
+    manifest, tars, idxs = read_manifest(shards_dir)
+    guard = needs_guard(manifest) if guard is None else guard
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     seed=_rank_seed(seed, shard_id))
     with pipe:

@@ -528,10 +528,10 @@ def test_gpu_graphs_serialize_without_a_gpu(shards, channels):
 
 
 def test_guard_runs_unless_pack_checked_every_jpeg(shards, foreign_shard):
-    from dataloading.pipeline import needs_guard
+    from dataloading.pipeline import needs_guard, read_manifest
 
-    assert not needs_guard(shards)  # `seer data pack` ran jpeg_problem on every JPEG it stored
-    assert needs_guard(foreign_shard[0])  # written by another tool: each sample is checked while loading
+    assert not needs_guard(read_manifest(shards)[0])  # `seer data pack` ran jpeg_problem on every JPEG it stored
+    assert needs_guard(read_manifest(foreign_shard[0])[0])  # written by another tool: checked while loading
     names = define_train_pipeline(DataConfig(train_shards=shards, crops=CROPS, **GRAY), batch_size=8)[1]
     assert "replaced" not in names
     forced = define_train_pipeline(DataConfig(train_shards=shards, crops=CROPS, **GRAY), batch_size=8, guard=True)[1]
