@@ -13,10 +13,12 @@ Providers:
   `seer data pack`, which checked every JPEG: no per-sample guard while loading);
 - dali_guarded: the same with the per-sample guard forced on, as for shards not written by `seer data pack`;
 - pillow: dataloading.torch_baseline (torchvision's PIL transforms, as the SwAV code), --threads worker processes.
-The main process runs torch with one thread. The first --warmup batches are not timed: the pipeline build and the
-workers' start-up, and the batches queued meanwhile (DataLoader: 2 per worker; DALI: 2), which would otherwise
-count as instant; the default, 2 × threads + 3 batches, drains those queues. img/s = timed batches × batch size /
-their wall time; p20/p50/p80 of the time between batches.
+The main process runs torch with one thread. All loaders are built first, then timed in turns: --rounds rounds, each
+timing --batches / --rounds batches of every provider, so that a drift of the machine's speed weighs on all alike.
+Each turn starts with --warmup untimed batches (the first also covers the build and the workers' start-up), which
+empty the loader's queue (DataLoader: 2 batches per worker; DALI: 2; the default, 2 × threads + 3, is more), and
+ends with a pause as long as --warmup of its batches, in which the loader refills its queue without slowing the
+next provider. img/s = timed batches × batch size / their wall time; p20/p50/p80 of the time between batches.
 Records are appended to benchmarks/results/data_cpu.json, one per provider, with the command, the data (samples,
 mean image size and JPEG size), the guard's cost per image, machine, versions and commit.
 """
@@ -53,25 +55,45 @@ def make_loader(provider: str, cfg, batch_size: int):
     return TrainLoader(cfg, batch_size=batch_size, guard=True if provider == "dali_guarded" else None)
 
 
-def measure(provider: str, cfg, *, batch_size: int, batches: int, warmup: int) -> dict:
-    start = time.perf_counter()
-    loader = make_loader(provider, cfg, batch_size)
-    for _ in range(warmup):
-        next(loader)
-    warmup_s = time.perf_counter() - start
-    intervals, last = [], time.perf_counter()
-    first = last
-    for _ in range(batches):
-        next(loader)
-        now = time.perf_counter()
-        intervals.append(now - last)
-        last = now
-    q20, q50, q80 = (statistics.quantiles(intervals, n=10)[i] for i in (1, 4, 7)) if batches > 1 else [last - first] * 3
-    result = dict(img_per_s=batches * batch_size / (last - first), batch_s_p20=q20, batch_s_p50=q50, batch_s_p80=q80,
-                  warmup_s=warmup_s, bad_samples=getattr(loader, "bad_samples", None))
-    if provider == "pillow":
-        loader.close()
-    return result
+def measure(providers, cfg, *, batch_size: int, batches: int, warmup: int, rounds: int) -> dict[str, dict]:
+    """Each provider's img/s, measured in turns: every loader is built and warmed up, then each round times
+    batches / rounds batches of each provider in turn, so that a drift of the machine's speed (~10% over minutes
+    on a shared machine) weighs on all of them alike. After its timed batches a loader refills its queue in the
+    background (DALI: 2 batches; DataLoader: 2 per worker), which would slow the next provider down: each turn
+    ends with a pause as long as `warmup` of its batches. Each turn starts with `warmup` untimed batches, which
+    empty the queue (its batches would count as instant)."""
+    loaders, results = {}, {}
+    for provider in providers:
+        start = time.perf_counter()
+        loaders[provider] = make_loader(provider, cfg, batch_size)
+        for _ in range(warmup):
+            next(loaders[provider])
+        results[provider] = dict(warmup_s=time.perf_counter() - start, intervals=[])
+    per_round = [batches // rounds + (r < batches % rounds) for r in range(rounds)]
+    for round_batches in per_round:
+        for provider, loader in loaders.items():
+            for _ in range(warmup):
+                next(loader)
+            last, turn = time.perf_counter(), []
+            for _ in range(round_batches):
+                next(loader)
+                now = time.perf_counter()
+                turn.append(now - last)
+                last = now
+            results[provider]["intervals"] += turn
+            time.sleep(warmup * statistics.median(turn))  # the loader refills its queue undisturbed
+    for provider, loader in loaders.items():
+        intervals = results[provider].pop("intervals")
+        q20, q50, q80 = (statistics.quantiles(intervals, n=10)[i] for i in (1, 4, 7)) if batches > 1 else intervals * 3
+        results[provider].update(img_per_s=batches * batch_size / sum(intervals), batch_s_p20=q20, batch_s_p50=q50,
+                                 batch_s_p80=q80, bad_samples=getattr(loader, "bad_samples", None))
+    # DALI pipelines first: stopping DataLoader workers while DALI threads still refill their queues made a worker
+    # abort on exit now and then ("terminate called without an active exception"), after the measurement.
+    pillow = loaders.pop("pillow", None)
+    loaders.clear()
+    if pillow is not None:
+        pillow.close()
+    return results
 
 
 def describe_shards(shards: str) -> dict:
@@ -94,7 +116,8 @@ def describe_shards(shards: str) -> dict:
                 guard_us_per_image=guard_s * 1e6, guard_rejects_in_sample=sum(p is not None for p in problems))
 
 
-def benchmark(shards: str, *, providers, threads: int, batch_size: int, batches: int, warmup: int) -> list[dict]:
+def benchmark(shards: str, *, providers, threads: int, batch_size: int, batches: int, warmup: int,
+              rounds: int) -> list[dict]:
     import nvidia.dali
     import PIL
     import torchvision
@@ -106,14 +129,13 @@ def benchmark(shards: str, *, providers, threads: int, batch_size: int, batches:
     recipe = dict(crops=[dict(size=g.size, count=g.count, scale=list(g.scale)) for g in cfg.crops],
                   augment=vars(cfg.augment), channels=cfg.channels, output="float32, channels_last, cpu")
     common = dict(benchmark="data/multicrop", recipe=recipe, loader_threads=threads, batch_size=batch_size,
-                  batches=batches, warmup_batches=warmup, **describe_shards(shards), **environment(torch.device("cpu")),
-                  dali=nvidia.dali.__version__, pillow=PIL.__version__, torchvision=torchvision.__version__)
-    records = []
-    for provider in providers:
-        print(f"{provider}: {warmup} warm-up + {batches} timed batches of {batch_size}", file=sys.stderr, flush=True)
-        records.append(dict(provider=provider, **measure(provider, cfg, batch_size=batch_size, batches=batches,
-                                                         warmup=warmup), **common))
-    return records
+                  batches=batches, rounds=rounds, warmup_batches=warmup, **describe_shards(shards),
+                  **environment(torch.device("cpu")), dali=nvidia.dali.__version__, pillow=PIL.__version__,
+                  torchvision=torchvision.__version__)
+    print(f"{', '.join(providers)}: {batches} timed batches of {batch_size} each, in {rounds} rounds of turns "
+          f"(each turn after {warmup} untimed batches)", file=sys.stderr, flush=True)
+    results = measure(providers, cfg, batch_size=batch_size, batches=batches, warmup=warmup, rounds=rounds)
+    return [dict(provider=provider, **results[provider], **common) for provider in providers]
 
 
 def summary(records: list[dict]) -> str:
@@ -132,9 +154,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", help="packed shard folder of real-photo JPEGs (seer data tiles, then seer data pack)")
     parser.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader worker processes")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch, each with all 6 crops")
-    parser.add_argument("--batches", type=int, default=30, help="timed batches per provider")
+    parser.add_argument("--batches", type=int, default=60, help="timed batches per provider, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of each provider (see measure)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed batches first (default 2 x threads + 3: build, start-up, queued batches)")
+                        help="untimed batches at the start of each turn (default 2 x threads + 3: build, start-up, "
+                             "queued batches)")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--out", type=Path, default=RESULTS / "data_cpu.json", help="JSON file records are appended to")
 
@@ -144,10 +168,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
 
     `argv`: the arguments after `seer bench data`, stored with each record as the command that reproduces it."""
     warmup = 2 * args.threads + 3 if args.warmup is None else args.warmup
-    if args.threads < 1 or args.batch_size < 1 or args.batches < 1 or warmup < 0:
-        raise ValueError("--threads, --batch-size and --batches must be >= 1 and --warmup >= 0")
-    records = benchmark(args.shards, providers=args.providers, threads=args.threads, batch_size=args.batch_size,
-                        batches=args.batches, warmup=warmup)
+    if min(args.threads, args.batch_size, args.rounds) < 1 or args.batches < args.rounds or warmup < 0:
+        raise ValueError("--threads, --batch-size and --rounds must be >= 1, --batches >= --rounds, --warmup >= 0")
+    records = benchmark(args.shards, providers=list(dict.fromkeys(args.providers)), threads=args.threads,
+                        batch_size=args.batch_size, batches=args.batches, warmup=warmup, rounds=args.rounds)
     command = "seer bench data " + shlex.join(argv)
     for record in records:
         record["command"] = command

@@ -36,7 +36,7 @@ class AugmentConfig:
     hue: float = 0.2  # torchvision convention: fraction of the colour circle, so 0.2 = +-72 degrees
     grayscale_p: float = 0.2  # ignored for 1-channel data
     blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # px of the output crop, drawn uniformly; kernel 2*ceil(3 sigma)+1
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # px of the output crop, drawn uniformly; kernel 2*ceil(2 sigma)+1
     solarize_p: float = 0.0  # SwAV/SEER do not solarize; BYOL/DINO: 0.2 on one view
     solarize_threshold: float = 0.5  # [0, 1] units: values at or above are inverted (0.5 ~ Pillow's 128)
 
