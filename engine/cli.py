@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
+from pathlib import Path
 
 from engine.config import ConfigError
 
@@ -106,7 +108,6 @@ def _plan(args) -> None:
 def benchmark_script(name: str):
     """benchmarks/NAME.py of this checkout as a module (benchmarks/ is a folder of scripts, not a package)."""
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"seer_benchmark_{name}", path)
@@ -206,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUR_PACKAGES = tuple(Path(__file__).resolve().parents[1] / name for name in ("engine", "dataloading", "kernels", "benchmarks"))
+
+
+def error_report(err: BaseException) -> str:
+    """What the user sees of a bad-input error: one line "seer: error: ..." when this project raised it (its messages
+    name the key, file or shape at fault); the traceback first when a library raised it (perhaps a bug here, and
+    the message alone may not say which file or value), or always with SEER_TRACEBACK=1."""
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = bool(frames) and any(Path(frames[-1].filename).resolve().is_relative_to(p) for p in OUR_PACKAGES)
+    line = f"seer: error: {err}"
+    if ours and os.environ.get("SEER_TRACEBACK", "0") == "0":
+        return line
+    return "".join(traceback.format_exception(err)) + line
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     # argparse stops filling a positional list at the first option: `seer eval knn --weights W a.b=1` would leave
@@ -220,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
         code = 0
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"seer: error: {err}", file=sys.stderr)
+        print(error_report(err), file=sys.stderr)
         code = 2
     except BaseException:
         traceback.print_exc()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 
@@ -33,8 +34,20 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl. A line that is not JSON (a write cut short when a run was killed, then
+    resumed) is skipped with a warning naming the file and line."""
+    records, unreadable = [], []
     with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    unreadable.append(number)
+    if unreadable:
+        warnings.warn(f"{path}: skipped {len(unreadable)} line(s) that are not JSON (line {unreadable[0]} first)",
+                      stacklevel=2)
+    return records
 
 
 def run_records(path: str | Path) -> list[dict]:

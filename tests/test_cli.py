@@ -44,3 +44,25 @@ def test_pack_folder_reports_kept_and_skipped(tmp_path):
     assert summary == {"kept": 6, "skipped": {"not_an_image": 1}}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog"]
+
+
+def test_errors_raised_in_a_library_keep_their_traceback(monkeypatch):
+    import json as json_module
+
+    from engine.cli import error_report
+    from engine.config import load_config
+
+    try:
+        load_config(None, ["train.stepz=3"])  # raised here: the message names the key
+    except ValueError as err:
+        ours = err
+    try:
+        json_module.loads("{cut")  # raised inside a library: the message alone names no file
+    except ValueError as err:
+        theirs = err
+    assert error_report(ours) == f"seer: error: {ours}" and "unknown config key 'train.stepz'" in str(ours)
+    report = error_report(theirs).splitlines()
+    assert report[0] == "Traceback (most recent call last):" and report[-1].startswith("seer: error: Expecting")
+    assert any("json" in line and "decoder.py" in line for line in report)
+    monkeypatch.setenv("SEER_TRACEBACK", "1")
+    assert error_report(ours).splitlines()[0] == "Traceback (most recent call last):"

@@ -2,9 +2,9 @@
 map per pixel) against torchvision's rules computed in numpy, and its hue against DALI's own fn.hsv."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
+import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from dataloading.pipeline import LUMA, _map_colors
@@ -102,3 +102,17 @@ def test_values_out_of_range_saturate():
     assert (mapped[1, 2:] == 40).all() and (mapped[1, :2] == 4).all()
     assert (mapped[2, 2:] == 255).all() and (mapped[2, :2] == 0).all()  # mean 110: 110 +- 1.8 * 90
     assert (mapped[3, 2:] == 128).all() and (mapped[3, :2] == 92).all()  # 110 +- 0.2 * 90
+
+
+@pytest.mark.parametrize("strengths", [dict(brightness=0.5, contrast=0.0, saturation=0.0, hue=0.0),
+                                       dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.3),
+                                       dict(brightness=0.0, contrast=0.5, saturation=0.5, hue=0.0)])
+def test_any_strength_may_be_zero(shards, strengths):
+    # A strength of 0 is no jitter of that kind (DALI's uniform refuses the empty range [1, 1]).
+    from dataloading.config import AugmentConfig, CropGroup, DataConfig
+    from dataloading.pipeline import build_train_loader
+
+    augment = AugmentConfig(color_jitter_p=1.0, grayscale_p=0.0, blur_p=0.0, **strengths)
+    cfg = DataConfig(train_shards=shards["train"], crops=[CropGroup(16, 2, (0.5, 1.0))], augment=augment)
+    crops = next(build_train_loader(cfg, batch_size=8))["crops"]
+    assert [tuple(c.shape) for c in crops] == [(8, 3, 16, 16)] * 2 and all(torch.isfinite(c).all() for c in crops)

@@ -59,3 +59,15 @@ def test_a_resumed_run_keeps_the_later_record_of_each_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert [(r["step"], r["loss"]) for r in run_records(tmp_path / "metrics.jsonl")] == \
         [(2, 5.0), (4, 4.1), (6, 3.6), (8, 3.0)]
+
+
+def test_a_torn_metrics_line_is_skipped_with_a_warning(run_dir, tmp_path):
+    # A run killed while writing a line, then resumed, leaves a cut line between whole ones.
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    torn = tmp_path / "run"
+    torn.mkdir()
+    (torn / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:17], *lines[2:]]) + "\n")
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: skipped 1 line\(s\) that are not JSON \(line 2 first\)"):
+        records = run_records(torn / "metrics.jsonl")
+    whole = [json.loads(line) for line in [lines[0], *lines[2:]]]
+    assert [r["step"] for r in records] == sorted({r["step"] for r in whole if "loss" in r})
