@@ -22,6 +22,8 @@ every tensor of optimizer state (momentum) and every buffer (BatchNorm running s
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import re
@@ -272,7 +274,7 @@ def consolidate(tag_dir: str | Path) -> dict:
         raise ValueError(f"checkpoint {tag_dir} was written at ZeRO stage {stage} by {world_size} rank(s); only "
                          f"stages 0-2 can change world size or stage: resume it with {world_size} rank(s) and "
                          f"train.zero_stage={stage}")
-    model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    model_states = _load_mapped(tag_dir / "mp_rank_00_model_states.pt")
     module = model_states["module"]  # stages 0-2: full parameters (ZeRO-1/2: copies of the fp32 masters)
     buffers = {name: module[name] for name in model_states["buffer_names"]}
     params = {name: value.float() for name, value in module.items() if name not in buffers}
@@ -302,19 +304,28 @@ def _by_name(state: dict, names: list[str]) -> dict[str, dict[str, torch.Tensor]
     return out
 
 
+def _load_mapped(path: Path) -> dict:
+    """A torch.save file memory-mapped: its tensors are read from disk when used, not when loaded."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
 def _unflatten_zero12(tag_dir: Path, world_size: int, param_shapes: list[dict]) -> tuple[dict, dict]:
     """ZeRO-1/2: every rank holds a slice of each group's flat fp32 vector (and of its optimizer state);
     concatenated over ranks, the vector holds the group's parameters in order, each followed by its alignment
-    padding (DeepSpeed's own reconstruction in deepspeed.utils.zero_to_fp32 does the same for the weights)."""
-    ranks = [torch.load(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
-                        weights_only=False)["optimizer_state_dict"] for rank in range(world_size)]
+    padding (DeepSpeed's own reconstruction in deepspeed.utils.zero_to_fp32 does the same for the weights).
+
+    The files are memory-mapped and never concatenated: a value inside one rank's slice is a view of its file, so a
+    rank resuming at another world size reads the parts it places, not every rank's files (at SEER's 1.3B
+    parameters, ~10 GB of fp32 weights and momentum, which each rank of a node used to load at once)."""
+    ranks = [_load_mapped(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+             for rank in range(world_size)]
     params: dict[str, torch.Tensor] = {}
     optimizer: dict[str, dict[str, torch.Tensor]] = {}
     for group, shapes in enumerate(param_shapes):
         slices = [rank["single_partition_of_fp32_groups"][group] for rank in ranks]
         alignment = ranks[0].get("param_alignment_paddings")  # per group, per parameter; may be absent
         paddings = alignment[group] if alignment else [0] * len(shapes)
-        params.update(_split(torch.cat(slices), shapes, paddings))
+        params.update(_split(slices, shapes, paddings))
         states = []
         for rank in ranks:
             base = rank["base_optimizer_state"]  # torch.optim state of the rank's flat slice (a list if elastic)
@@ -324,19 +335,30 @@ def _unflatten_zero12(tag_dir: Path, world_size: int, param_shapes: list[dict]) 
             if all(torch.is_tensor(state.get(key)) and state[key].dim() == 1 and state[key].numel() >= piece.numel()
                    for state, piece in zip(states, slices)):
                 # the state may be padded to the partition size; the fp32 slices are not
-                flat = torch.cat([state[key][:piece.numel()].float() for state, piece in zip(states, slices)])
-                optimizer.setdefault(key, {}).update(_split(flat, shapes, paddings))
+                pieces = [state[key][:piece.numel()].float() for state, piece in zip(states, slices)]
+                optimizer.setdefault(key, {}).update(_split(pieces, shapes, paddings))
     return params, optimizer
 
 
-def _split(flat: torch.Tensor, shapes: dict, paddings: list[int]) -> dict[str, torch.Tensor]:
+def _split(pieces: list[torch.Tensor], shapes: dict, paddings: list[int]) -> dict[str, torch.Tensor]:
+    """The named values of a flat vector held as consecutive 1-D pieces (one per rank): a view where a value lies in
+    one piece, a copy where it straddles two."""
+    ends = list(itertools.accumulate(piece.numel() for piece in pieces))
     out, offset = {}, 0
     for (name, shape), padding in zip(shapes.items(), paddings):
         numel = torch.Size(shape).numel()
-        out[name] = flat.narrow(0, offset, numel).view(shape).clone()
+        if offset + numel > ends[-1]:
+            raise ValueError(f"ZeRO partitions hold {ends[-1]} values but the parameters need more (at {name})")
+        parts, start, left = [], offset, numel
+        while left > 0:
+            index = bisect.bisect_right(ends, start)  # the piece holding flat position `start`
+            begin = ends[index] - pieces[index].numel()
+            take = min(left, ends[index] - start)
+            parts.append(pieces[index].narrow(0, start - begin, take))
+            start, left = start + take, left - take
+        value = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0)
+        out[name] = value.view(shape)
         offset += numel + padding
-    if offset > flat.numel():
-        raise ValueError(f"ZeRO partitions hold {flat.numel()} values but the parameters need {offset}")
     return out
 
 

@@ -209,6 +209,15 @@ def test_two_ranks_resume_on_one_rank(shards, tmp_path):
 
             assert_same(saved["params"], {k: v for k, v in get_fp32_state_dict_from_zero_checkpoint(
                 tag_dir.parent, tag=tag_dir.name).items() if k in saved["params"]}, 0, "zero_to_fp32")
+            # Read where used: values are views of the memory-mapped rank files (Linux: /proc/self/maps lists the
+            # mappings), except the one per group and rank boundary that straddles two ranks' slices (copied).
+            groups = len(torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["param_shapes"])
+            mapped = [tuple(int(a, 16) for a in line.split()[0].split("-"))
+                      for line in Path("/proc/self/maps").read_text().splitlines()
+                      if line.endswith("_optim_states.pt") and str(tag_dir) in line]
+            for values in (saved["params"], saved["optimizer"]["momentum_buffer"]):
+                copied = sum(not any(lo <= v.data_ptr() < hi for lo, hi in mapped) for v in values.values())
+                assert copied <= groups and len(values) - copied > 10, (copied, len(values))
 
         # One rank with twice the per-rank batch: the same global batch, so the same lr schedule; BatchNorm
         # statistics span all ranks (model.sync_bn_group_size), so the fixed batch gives the same statistics.
