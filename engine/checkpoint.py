@@ -87,6 +87,16 @@ def _remove(tag_dir: Path) -> None:
     shutil.rmtree(tag_dir, ignore_errors=True)
 
 
+_RANK_FILE = re.compile(r"(?:trainer_rank|zero_pp_rank_)(\d+)")
+
+
+def _writer(file_name: str) -> int:
+    """The rank that writes a checkpoint file: trainer_rankNNNNN.pt and DeepSpeed's zero_pp_rank_N_* by rank N,
+    the rest (mp_rank_00_model_states.pt) by rank 0."""
+    match = _RANK_FILE.search(file_name)  # also DeepSpeed's bf16_zero_pp_rank_N_* files
+    return int(match.group(1)) if match else 0
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -169,22 +179,29 @@ class Checkpointer:
         _barrier()
         torch.save({"step": step, **trainer_state}, partial / f"trainer_rank{self.rank:05d}.pt")
         engine.save_checkpoint(str(self.directory), tag=partial.name, save_latest=False)
-        _barrier()  # every rank's files are written
-        files = sorted(p for p in partial.rglob("*") if p.is_file())
-        for path in files[self.rank::self.world_size]:  # each rank makes its share durable
-            _fsync(path)
-        _barrier()
+        # Each rank makes the files it wrote durable and reports their sizes: on a shared file system (NFS) another
+        # node's view of a file's size and of the folder can lag behind, and a manifest with a stale size would make
+        # this checkpoint look incomplete later.
+        sizes = {}
+        for path in sorted(partial.rglob("*")):
+            if path.is_file() and _writer(path.name) == self.rank:
+                _fsync(path)
+                sizes[str(path.relative_to(partial))] = path.stat().st_size
+        every = [sizes]
+        if dist.is_initialized():
+            every = [None] * self.world_size
+            dist.all_gather_object(every, sizes)  # also the barrier after every rank's writes
         if self.rank == 0:
-            self._commit(engine, step, partial, files, info or {})
+            self._commit(engine, step, partial, dict(sorted(kv for ranks in every for kv in ranks.items())), info or {})
         _barrier()  # when save returns, the checkpoint is complete on every rank's view
         return self.directory / tag
 
-    def _commit(self, engine, step: int, partial: Path, files: list[Path], info: dict) -> None:
+    def _commit(self, engine, step: int, partial: Path, sizes: dict[str, int], info: dict) -> None:
         manifest = {
             "step": step,
             "world_size": self.world_size,
             "zero_stage": engine.zero_optimization_stage(),
-            "files": {str(p.relative_to(partial)): p.stat().st_size for p in files},
+            "files": sizes,
             **info,
         }
         if manifest["zero_stage"] == 0:  # DeepSpeed saves ZeRO-0 optimizer state by index only: keep the names

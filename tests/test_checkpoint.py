@@ -18,7 +18,7 @@ import yaml
 from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state
 
 from dataloading.sources import load_idx
-from engine.checkpoint import CheckpointWarning, Checkpointer, consolidate, read_manifest
+from engine.checkpoint import CheckpointWarning, Checkpointer, _writer, consolidate, read_manifest
 from engine.config import load_config
 from engine.distributed import all_reduce_mean, free_port
 from engine.pretrain import Pretrainer, pretrain
@@ -180,6 +180,12 @@ def assert_same(actual: dict, expected: dict, tolerance: float, what: str) -> No
         torch.testing.assert_close(actual[name], value, rtol=0, atol=atol, msg=f"{what}: {name}")
 
 
+def test_each_file_is_reported_by_the_rank_that_writes_it():
+    assert [_writer(name) for name in ("trainer_rank00003.pt", "mp_rank_00_model_states.pt",
+                                       "zero_pp_rank_12_mp_rank_00_optim_states.pt",
+                                       "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt")] == [3, 0, 12, 2]
+
+
 def test_two_ranks_resume_on_one_rank(shards, tmp_path):
     stages = (0, 2)
     config_files = []
@@ -199,6 +205,10 @@ def test_two_ranks_resume_on_one_rank(shards, tmp_path):
         reference = torch.load(tmp_path / f"zero{stage}.pt", weights_only=False)
         tag_dir = tmp_path / f"zero{stage}" / "checkpoints" / f"step_{WARM_STEPS:08d}"
         assert sorted(p.name for p in tag_dir.glob("trainer_rank*.pt")) == [f"trainer_rank0000{r}.pt" for r in (0, 1)]
+        # The manifest holds every file with its size, as reported by the rank that wrote it.
+        on_disk = {p.name: p.stat().st_size for p in tag_dir.iterdir() if p.name != "complete.json"}
+        assert read_manifest(tag_dir)["files"] == on_disk
+        assert any(name.startswith("zero_pp_rank_1") for name in on_disk) == (stage > 0)
         # The checkpoint, by name, is exactly what the 2 ranks held; for ZeRO-2 the weights also match DeepSpeed's
         # own reconstruction from the partitions.
         saved = consolidate(tag_dir)
