@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OUR_PACKAGES = tuple(Path(__file__).resolve().parents[1] / name for name in ("engine", "dataloading", "kernels", "benchmarks"))
+OUR_PACKAGES = tuple(Path(__file__).resolve().parents[1] / name
+                     for name in ("engine", "dataloading", "kernels", "benchmarks"))
 
 
 def error_report(err: BaseException) -> str:
