@@ -155,7 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader worker processes")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch, each with all 6 crops")
     parser.add_argument("--batches", type=int, default=60, help="timed batches per provider, over all rounds")
-    parser.add_argument("--rounds", type=int, default=3, help="turns of each provider (see measure)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds in which every provider times batches / rounds batches in turn, so that a "
+                             "drift of the machine's speed weighs on all alike")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed batches at the start of each turn (default 2 x threads + 3: build, start-up, "
                              "queued batches)")
