@@ -128,7 +128,7 @@ def _prepare_file(path: str, quality: int, max_side: int | None) -> Prepared:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # odd metadata and bomb warnings: the decode alone decides
         jpeg, reason = _validate(data, quality, max_side)
-    return jpeg, reason, hashlib.blake2b(data, digest_size=16).hexdigest()
+    return jpeg, reason, _digest(data)
 
 
 def _prepare_files(paths: list[str], quality: int, max_side: int | None) -> list[Prepared]:

@@ -59,9 +59,10 @@ def read_manifest(shards_dir: str | os.PathLike) -> tuple[dict, list[str], list[
     return manifest, tars, idxs
 
 
-def class_names(shards_dir: str | os.PathLike, key: str) -> list[str]:
-    """The class names of a packed folder; one error naming config key `key` when it was packed without labels."""
-    classes = read_manifest(shards_dir)[0]["classes"]
+def class_names(manifest: dict, shards_dir: str | os.PathLike, key: str) -> list[str]:
+    """The class names in the manifest of packed folder `shards_dir`; one error naming config key `key` when it was
+    packed without labels."""
+    classes = manifest["classes"]
     if not classes:
         raise ValueError(f"{key}={shards_dir} holds unlabelled images (packed with --no-labels or from a flat "
                          "folder): this needs class labels")
@@ -70,7 +71,8 @@ def class_names(shards_dir: str | os.PathLike, key: str) -> list[str]:
 
 def matching_class_names(train_shards, test_shards, train_key: str, test_key: str) -> list[str]:
     """The class names shared by a train and a test folder; one error when either is unlabelled or they differ."""
-    classes, test_classes = class_names(train_shards, train_key), class_names(test_shards, test_key)
+    classes = class_names(read_manifest(train_shards)[0], train_shards, train_key)
+    test_classes = class_names(read_manifest(test_shards)[0], test_shards, test_key)
     if test_classes != classes:
         raise ValueError(f"{test_key} has {len(test_classes)} classes ({', '.join(test_classes[:3])}, ...) but "
                          f"{train_key} has {len(classes)} ({', '.join(classes[:3])}, ...): pack both with the same "
@@ -164,13 +166,20 @@ def _guard_batch(encoded: list[np.ndarray], sources: list[np.ndarray]) -> tuple[
     return safe, replaced
 
 
-def _guard(jpegs):
-    """(encoded images safe to decode, uint8 per sample: 1 where a bad sample was replaced).
+def _guarded(jpegs, manifest: dict, guard: bool | None) -> tuple:
+    """(encoded images safe to decode, extra outputs, their names) for a graph reading the packed folder with this
+    manifest. guard: check every sample and replace bad ones, adding the output "replaced" (uint8 per sample: 1
+    where a bad sample was replaced; it stays on the CPU, so counting it never waits for a GPU); None: unless pack
+    checked them (needs_guard).
 
-    A Python operator: it runs on the CPU side of CPU and GPU graphs alike, but DALI cannot serialize it.
+    The check is a Python operator: it runs on the CPU side of CPU and GPU graphs alike, but DALI cannot serialize
+    it.
     """
+    if not (needs_guard(manifest) if guard is None else guard):
+        return jpegs, [], []
     sources = fn.get_property(jpegs, key="source_info")
-    return fn.python_function(jpegs, sources, function=_guard_batch, num_outputs=2, batch_processing=True)
+    safe, replaced = fn.python_function(jpegs, sources, function=_guard_batch, num_outputs=2, batch_processing=True)
+    return safe, [replaced], ["replaced"]
 
 
 # ----------------------------------------------------------------------------------------------- augmentation
@@ -317,6 +326,14 @@ def _check_device(device: str) -> None:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
+def _device_id(device: str, device_id: int | None) -> int | None:
+    """The GPU a loader's graph runs on: `device_id`, else $LOCAL_RANK (else 0); None for a CPU graph."""
+    _check_device(device)
+    if device != "cuda":
+        return None
+    return int(os.environ.get("LOCAL_RANK", 0)) if device_id is None else device_id
+
+
 def _rank_seed(seed: int, shard_id: int) -> int:
     """Different random streams per rank, reproducible for a (seed, rank) pair."""
     return (seed * 10_000 + shard_id) % 2**31
@@ -346,7 +363,6 @@ def define_train_pipeline(
     _check_channels(cfg.channels, cfg.mean, cfg.std)
     check_data_config(cfg)
     manifest, tars, idxs = read_manifest(cfg.train_shards)
-    guard = needs_guard(manifest) if guard is None else guard
     pipe = Pipeline(
         batch_size=batch_size,
         num_threads=cfg.num_threads,
@@ -368,10 +384,7 @@ def define_train_pipeline(
             shard_id=shard_id,
             num_shards=num_shards,
         )
-        encoded, flags, flag_names = jpegs, [], []
-        if guard:
-            encoded, replaced = _guard(jpegs)
-            flags, flag_names = [replaced], ["replaced"]  # stays on the CPU: counting it never waits for a GPU
+        encoded, flags, flag_names = _guarded(jpegs, manifest, guard)
         image = _decode(encoded, cfg.channels, device)  # once; every crop is cut from this decoded image
         layout = "HWC" if channels_last else "CHW"
         crops = [_crop(image, group, cfg, layout) for group in cfg.crops for _ in range(group.count)]
@@ -381,13 +394,27 @@ def define_train_pipeline(
 
 
 class EpochIterator:
-    """Endless iteration over the epochs of a DALI iterator (`self._iterator`, auto_reset): counts epochs and steps."""
+    """Endless iteration over the epochs of a train graph: full batches only, counting epochs, steps and the samples
+    the guard replaced (`bad_samples`)."""
 
-    epoch: int
-    step: int
+    epoch: int = 0  # epochs completed
+    step: int = 0  # batches yielded in total
+    bad_samples: int = 0  # samples replaced by a gray image so far (their file names are logged as warnings)
 
     def __iter__(self):
         return self
+
+    def _start(self, pipe: Pipeline, names: list[str], shard: str) -> None:
+        """Iterate `pipe` (outputs `names`); `shard` names this rank's shard in the error when it is too small."""
+        self._iterator = DALIGenericIterator(
+            pipe, names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True,
+            prepare_first_batch=False,
+        )
+        self.samples_per_epoch = self._iterator.size  # samples of this rank's shard per epoch
+        self.steps_per_epoch = len(self._iterator)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size {pipe.max_batch_size} exceeds the {self.samples_per_epoch} samples of {shard}")
 
     def _next_batch(self) -> dict:
         try:
@@ -396,6 +423,8 @@ class EpochIterator:
             self.epoch += 1
             (batch,) = next(self._iterator)
         self.step += 1
+        if "replaced" in batch:
+            self.bad_samples += int(batch["replaced"].sum())
         return batch
 
 
@@ -413,12 +442,8 @@ class TrainLoader(EpochIterator):
                  with_index=False, channels_last=True, guard=None):
         self.cfg, self.batch_size, self.shard_id, self.num_shards = cfg, batch_size, shard_id, num_shards
         self.device, self.device_id, self.with_index = device, device_id, with_index
-        self.channels_last, self.dtype = channels_last, getattr(torch, cfg.output_dtype)
-        self.guard = needs_guard(read_manifest(cfg.train_shards)[0]) if guard is None else guard
+        self.channels_last, self.dtype, self.guard = channels_last, getattr(torch, cfg.output_dtype), guard
         self.crop_sizes = [group.size for group in cfg.crops for _ in range(group.count)]
-        self.epoch = 0  # epochs completed
-        self.step = 0  # batches yielded in total
-        self.bad_samples = 0  # samples replaced by a gray image so far (their file names are logged as warnings)
         self._build(checkpoint=None)
 
     def _build(self, checkpoint: bytes | None) -> None:
@@ -427,22 +452,10 @@ class TrainLoader(EpochIterator):
             device=self.device, device_id=self.device_id, with_index=self.with_index,
             channels_last=self.channels_last, guard=self.guard, checkpoint=checkpoint,
         )
-        self._iterator = DALIGenericIterator(
-            pipe, self._names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True,
-            prepare_first_batch=False,
-        )
-        self.samples_per_epoch = self._iterator.size  # samples of this rank's shard per epoch
-        self.steps_per_epoch = len(self._iterator)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"batch_size {self.batch_size} exceeds the {self.samples_per_epoch} samples of shard "
-                f"{self.shard_id}/{self.num_shards} in {self.cfg.train_shards}"
-            )
+        self._start(pipe, self._names, f"shard {self.shard_id}/{self.num_shards} in {self.cfg.train_shards}")
 
     def __next__(self) -> dict:
         batch = self._next_batch()
-        if self.guard:
-            self.bad_samples += int(batch["replaced"].sum())
         crops = [self._model_input(batch[f"crop{i}"]) for i in range(len(self.crop_sizes))]
         out = {"crops": crops, "label": self._labels(batch, crops[0])}
         if self.with_index:
@@ -507,11 +520,8 @@ def build_train_loader(
     torch.channels_last memory (what the model wants with model.channels_last); else contiguous NCHW.
     guard: check every sample before decoding (None: unless `seer data pack` wrote the shards, see needs_guard).
     """
-    _check_device(device)
-    if device == "cuda" and device_id is None:
-        device_id = int(os.environ.get("LOCAL_RANK", 0))
     return TrainLoader(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, device=device,
-                       device_id=device_id if device == "cuda" else None, with_index=with_index,
+                       device_id=_device_id(device, device_id), with_index=with_index,
                        channels_last=channels_last, guard=guard)
 
 
@@ -528,7 +538,6 @@ def define_eval_pipeline(
     _check_device(device)
     _check_channels(channels, mean, std)
     manifest, tars, idxs = read_manifest(shards_dir)
-    guard = needs_guard(manifest) if guard is None else guard
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
     with pipe:
         jpegs, labels = _read_samples(
@@ -537,10 +546,7 @@ def define_eval_pipeline(
             # stick_to_shard keeps every pass on the same samples.
             pad_last_batch=True, stick_to_shard=True, shard_id=shard_id, num_shards=num_shards,
         )
-        encoded, flags, flag_names = jpegs, [], []
-        if guard:
-            encoded, replaced = _guard(jpegs)
-            flags, flag_names = [replaced], ["replaced"]  # stays on the CPU: counting it never waits for a GPU
+        encoded, flags, flag_names = _guarded(jpegs, manifest, guard)
         image = fn.resize(_decode(encoded, channels, device), size=[size, size])
         meta, meta_names = _meta_outputs(labels, jpegs, with_index, device)
         pipe.set_outputs(_normalize(image, mean, std), *flags, *meta)
@@ -584,13 +590,10 @@ def build_eval_loader(
     shards_dir, *, size, channels, mean, std, batch_size, num_threads=2, shard_id=0, num_shards=1, device="cpu",
     device_id=None, with_index=False,
 ) -> EvalLoader:
-    _check_device(device)
-    if device == "cuda" and device_id is None:
-        device_id = int(os.environ.get("LOCAL_RANK", 0))
     pipe, names = define_eval_pipeline(
         shards_dir, size=size, channels=channels, mean=mean, std=std, batch_size=batch_size,
         num_threads=num_threads, shard_id=shard_id, num_shards=num_shards, device=device,
-        device_id=device_id if device == "cuda" else None, with_index=with_index,
+        device_id=_device_id(device, device_id), with_index=with_index,
     )
     return EvalLoader(pipe, names, with_index)
 
@@ -601,8 +604,6 @@ def image_file_batches(paths, *, size, channels, mean, std, batch_size=64, num_t
     then the eval loader would: each file is decoded by Pillow to validate it and, unless it is already a plain
     JPEG, re-encoded at `jpeg_quality` (pack's default) exactly as pack stores it; DALI then decodes, resizes
     and normalizes with the eval graph's ops. A file Pillow cannot decode is a ValueError naming it."""
-    import numpy as np  # local imports keep this section self-contained
-
     from dataloading.pack import _prepare_file
 
     _check_channels(channels, mean, std)

@@ -6,28 +6,24 @@ graph ("mixed" decode, device="cuda"). The test split is read with dataloading.p
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from nvidia.dali import fn
 from nvidia.dali.pipeline import Pipeline
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from dataloading.pipeline import (
     ASPECT_RATIO,
-    READER,
     EpochIterator,
     _ascii_to_int,
     _check_channels,
     _check_device,
     _decode,
-    _guard,
+    _device_id,
+    _guarded,
     _meta_outputs,
     _normalize,
     _rank_seed,
     _read_samples,
     class_names,
-    needs_guard,
     read_manifest,
 )
 
@@ -47,9 +43,8 @@ def define_supervised_pipeline(
     low, high = scale
     if not 0 < low <= high <= 1:
         raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {tuple(scale)}")
-    class_names(shards_dir, "the supervised loader's shards")  # labels are what it trains on
     manifest, tars, idxs = read_manifest(shards_dir)
-    guard = needs_guard(manifest) if guard is None else guard
+    class_names(manifest, shards_dir, "the supervised loader's shards")  # labels are what it trains on
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     seed=_rank_seed(seed, shard_id))
     with pipe:
@@ -58,10 +53,7 @@ def define_supervised_pipeline(
             # As the multi-crop loader: one tar order per epoch shared by all ranks keeps their shards disjoint.
             shuffle_after_epoch=True, shuffle_after_epoch_seed=seed, shard_id=shard_id, num_shards=num_shards,
         )
-        encoded, flags, flag_names = jpegs, [], []
-        if guard:
-            encoded, replaced = _guard(jpegs)
-            flags, flag_names = [replaced], ["replaced"]
+        encoded, flags, flag_names = _guarded(jpegs, manifest, guard)
         crop = fn.random_resized_crop(_decode(encoded, channels, device), size=[size, size], random_area=list(scale),
                                       random_aspect_ratio=list(ASPECT_RATIO))
         mirror = fn.random.coin_flip(probability=flip_p) if flip_p > 0 else None
@@ -78,24 +70,11 @@ class SupervisedLoader(EpochIterator):
     """
 
     def __init__(self, pipe: Pipeline, names: list[str], with_index: bool):
-        self._iterator = DALIGenericIterator(
-            pipe, names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True,
-            prepare_first_batch=False,
-        )
         self.with_index = with_index
-        self.samples_per_epoch = self._iterator.size  # samples of this rank's shard per epoch
-        self.steps_per_epoch = len(self._iterator)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {pipe.max_batch_size} exceeds the {self.samples_per_epoch} samples "
-                             "of this rank's shard")
-        self.epoch = 0  # epochs completed
-        self.step = 0  # batches yielded in total
-        self.bad_samples = 0  # samples the guard replaced by a gray image
+        self._start(pipe, names, "this rank's shard")
 
     def __next__(self) -> dict[str, torch.Tensor]:
         batch = self._next_batch()
-        if "replaced" in batch:
-            self.bad_samples += int(batch["replaced"].sum())
         out = {"image": batch["image"], "label": _ascii_to_int(batch["label"])}
         if self.with_index:
             out["index"] = _ascii_to_int(batch["index"])
@@ -113,12 +92,9 @@ def build_supervised_loader(
     probability flip_p. device="cuda" runs the graph on GPU `device_id` (default: $LOCAL_RANK, else 0).
     with_index adds "index": the packed sample key (int64), for checks of sharding and coverage.
     """
-    _check_device(device)
-    if device == "cuda" and device_id is None:
-        device_id = int(os.environ.get("LOCAL_RANK", 0))
     pipe, names = define_supervised_pipeline(
         shards_dir, size=size, scale=scale, channels=channels, mean=mean, std=std, batch_size=batch_size,
         flip_p=flip_p, num_threads=num_threads, seed=seed, shard_id=shard_id, num_shards=num_shards, device=device,
-        device_id=device_id if device == "cuda" else None, with_index=with_index,
+        device_id=_device_id(device, device_id), with_index=with_index,
     )
     return SupervisedLoader(pipe, names, with_index)

@@ -83,7 +83,7 @@ class OnlineKnn:
             manifest = read_manifest(shards)[0]
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(f"{key} (or its default in the eval section) is unusable: {err}") from None
-        class_names(shards, key)  # the kNN votes with labels
+        class_names(manifest, shards, key)  # the kNN votes with labels
         # A subset as DALI's shard 0 of n (a contiguous slice) rather than a pass stopped early: DALI decodes the rest
         # of an unfinished pass before the next one can start.
         max_samples = cfg.monitor.knn_max_samples
