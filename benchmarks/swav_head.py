@@ -331,8 +331,6 @@ def main(argv=None):
     if on_gpu:
         env.update(hbm_peak_spec_gbps=peak_spec and peak_spec / 1e9, copy_measured_gbps=round(copy_bw / 1e9, 1))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else []
     records = []
     for shape in shapes:
         for dname in args.dtypes:
@@ -362,7 +360,7 @@ def main(argv=None):
                                pct_copy_measured=round(100 * gbps * 1e9 / copy_bw, 1) if gbps and copy_bw else None,
                                peak_memory_mb=mem, check=check, error=error, **env)
                     records.append(rec)
-                    args.out.write_text(json.dumps(previous + records, indent=1) + "\n")  # a timeout keeps what ran
+                    append_records(args.out, [rec])  # record by record: a timeout keeps what ran
                     label = "GPU" if on_gpu else "CPU"
                     ms = f"{p50:9.3f} ms" if p50 else "   failed"
                     extra = f"  {rec['pct_hbm_peak_spec']}% of HBM peak" if rec["pct_hbm_peak_spec"] else ""

@@ -259,7 +259,7 @@ class Checkpointer:
                    f"{saved['zero_stage']}; resuming with {current['world_size']} at stage {current['zero_stage']}: "
                    f"weights, momentum, BatchNorm statistics and the step carry over exactly, the data loader starts "
                    f"a new pass over the data for the new rank layout")
-        apply_consolidated(engine, consolidate(tag_dir))
+        apply_consolidated(engine, consolidate(tag_dir, manifest))
         state = torch.load(tag_dir / "trainer_rank00000.pt", weights_only=False)
         return {**state, "resharded_from": saved}
 
@@ -276,14 +276,14 @@ def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- world-size-independent state
-def consolidate(tag_dir: str | Path) -> dict:
+def consolidate(tag_dir: str | Path, manifest: dict | None = None) -> dict:
     """A complete checkpoint of any world size and ZeRO stage 0-2, by parameter name, on CPU:
 
     {"params": {name: fp32 master value}, "buffers": {name: tensor}, "optimizer": {state key: {name: tensor}},
      "world_size", "zero_stage", "global_steps", "global_samples", "skipped_steps"}
     """
     tag_dir = Path(tag_dir)
-    manifest = read_manifest(tag_dir)
+    manifest = manifest or read_manifest(tag_dir)  # given: read_manifest of tag_dir, already checked
     if manifest is None:
         raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete or missing")
     stage, world_size = manifest["zero_stage"], manifest["world_size"]

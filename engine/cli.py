@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -105,8 +106,10 @@ def _plan(args) -> None:
     run(args)
 
 
+@functools.cache
 def benchmark_script(name: str):
-    """benchmarks/NAME.py of this checkout as a module (benchmarks/ is a folder of scripts, not a package)."""
+    """benchmarks/NAME.py of this checkout as a module (benchmarks/ is a folder of scripts, not a package), loaded
+    once."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
@@ -116,12 +119,9 @@ def benchmark_script(name: str):
     return module
 
 
-def _bench_train(args) -> None:
-    benchmark_script("train").run(args, args.command_line[2:])  # recorded as the command after `seer bench train`
-
-
-def _bench_data(args) -> None:
-    benchmark_script("data").run(args, args.command_line[2:])  # recorded as the command after `seer bench data`
+def _bench(args) -> None:
+    # The arguments after `seer bench NAME` are recorded with the results as the command.
+    benchmark_script(args.bench_command).run(args, args.command_line[2:])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,10 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bench_train = bench.add_parser("train", help="img/s, TFLOP/s, MFU and peak memory of SwAV training steps")
     benchmark_script("train").add_arguments(bench_train)
-    bench_train.set_defaults(run=_bench_train)
+    bench_train.set_defaults(run=_bench)
     bench_data = bench.add_parser("data", help="img/s of the DALI multi-crop loader vs a DataLoader + Pillow")
     benchmark_script("data").add_arguments(bench_data)
-    bench_data.set_defaults(run=_bench_data)
+    bench_data.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="Fashion-MNIST end to end: pack, pretrain, kNN vs random init and pixels")
     demo.add_argument("overrides", nargs="*", metavar="section.key=value")

@@ -18,7 +18,7 @@ from dataloading.pack import pack
 from engine.config import DEMO_CONFIG, load_config
 from engine.evaluate import evaluate
 from engine.export import load_backbone_weights
-from engine.metrics import plot_loss, read_metrics
+from engine.metrics import plot_loss, run_records
 from engine.pretrain import pretrain
 
 SOURCE_SIZE = 28  # Fashion-MNIST images are 28x28: raw-pixel kNN uses them as they are
@@ -53,15 +53,17 @@ def run_demo(overrides: list[str] = ()) -> dict:
     pretrain_seconds = time.perf_counter() - start
     out = Path(cfg.train.output_dir)
     accuracy = {}
+    backbones = (("pretrained", load_backbone_weights(out / "backbone_final.pt")),
+                 ("random", load_backbone_weights(out / "backbone_init.pt")), ("pixels", None))
     for prefix, eval_cfg in (("", cfg), ("mnist_", mnist)):
-        for weights, backbone in (("pretrained", load_backbone_weights(out / "backbone_final.pt")),
-                                  ("random", load_backbone_weights(out / "backbone_init.pt")), ("pixels", None)):
+        for weights, backbone in backbones:
             protocols = ("knn",) if backbone is None else ("knn", "linear", "lowshot")
             results = evaluate(backbone, eval_cfg, protocols, image_size=SOURCE_SIZE if backbone is None else None)
             accuracy.update({f"{prefix}{name}_{weights}": value for name, value in results.items()})
     wall_seconds = time.perf_counter() - start
 
-    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    records = run_records(out / "metrics.jsonl")
+    losses = [r["loss"] for r in records]
     results = {
         **accuracy,
         "final_loss": losses[-1],
@@ -76,7 +78,7 @@ def run_demo(overrides: list[str] = ()) -> dict:
         "config": str(out / "config.yaml"),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_loss(out / "metrics.jsonl", run_dir / "loss_curve.png", cfg.model.num_prototypes)
+    plot_loss(records, run_dir / "loss_curve.png", cfg.model.num_prototypes)
     print_summary(results, run_dir)
     return results
 

@@ -5,6 +5,7 @@ running another protocol, or the same one again, does not pass the images throug
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,18 +39,27 @@ def extract_features(backbone: nn.Module | None, loader, device: torch.device, c
 def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
              test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
     """Top-1 accuracy of a k-nearest-neighbour vote: cosine similarity, each neighbour weighted exp(sim / T)."""
+    return knn_top1_each(train_features, train_labels, test_features, test_labels, (k,), temperature, chunk)[0]
+
+
+def knn_top1_each(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                  test_labels: torch.Tensor, ks, temperature: float = 0.07, chunk: int = 1024) -> list[float]:
+    """knn_top1 for each k in `ks`, from one neighbour search: the k nearest are the first k of the max(ks)
+    nearest (topk sorts them)."""
     if (train_labels < 0).any() or (test_labels < 0).any():
         raise ValueError("kNN evaluation needs labelled shards: pack them with labels (class folders or a dataset)")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    k = min(k, len(train_labels))
-    correct = 0
+    ks = [min(k, len(train_labels)) for k in ks]
+    correct = [0] * len(ks)
     for start in range(0, len(test_labels), chunk):
         similarity = test_features[start:start + chunk] @ train_features.T
-        top_sim, top_idx = similarity.topk(k, dim=1)
-        votes = torch.zeros(len(top_sim), num_classes)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        correct += (votes.argmax(1) == test_labels[start:start + chunk]).sum().item()
-    return correct / len(test_labels)
+        top_sim, top_idx = similarity.topk(max(ks), dim=1)
+        weights, neighbour_labels = (top_sim / temperature).exp(), train_labels[top_idx]
+        for i, k in enumerate(ks):
+            votes = torch.zeros(len(top_sim), num_classes)
+            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+            correct[i] += (votes.argmax(1) == test_labels[start:start + chunk]).sum().item()
+    return [c / len(test_labels) for c in correct]
 
 
 def file_digest(path: str | Path) -> str:
@@ -64,15 +74,19 @@ def file_digest(path: str | Path) -> str:
 class FeatureCache:
     """Features of one weights file, stored in `directory` under a key of everything that determines them."""
 
-    def __init__(self, directory: str | Path, weights_digest: str):
+    def __init__(self, directory: str | Path, weights_path: str | Path):
         self.directory = Path(directory)
-        self.weights_digest = weights_digest
+        self.weights_path = Path(weights_path)
 
     @classmethod
     def beside(cls, weights_path: str | Path) -> "FeatureCache":
         """The cache of a weights file: `feature_cache/` in the file's folder."""
-        weights_path = Path(weights_path)
-        return cls(weights_path.parent / "feature_cache", file_digest(weights_path))
+        return cls(Path(weights_path).parent / "feature_cache", weights_path)
+
+    @functools.cached_property
+    def weights_digest(self) -> str:
+        """Hashed when a cache key is first needed: never when eval.feature_cache is off."""
+        return file_digest(self.weights_path)
 
     def path(self, shards: str, **preprocessing) -> Path:
         manifest = (Path(shards) / "manifest.json").read_bytes()  # the packed content; shards are written once
@@ -132,11 +146,11 @@ def evaluate(backbone: nn.Module | None, cfg, protocols=("knn",), device: torch.
     (train_x, train_y), (test_x, test_y) = split_features(backbone, cfg, device, image_size, cache).values()
     results = {}
     if "knn" in protocols:
-        results["knn_top1"] = knn_top1(train_x, train_y, test_x, test_y, k=cfg.eval.knn_k,
-                                       temperature=cfg.eval.knn_temperature)
+        names = {"knn_top1": cfg.eval.knn_k}
         if cfg.eval.knn_k_large:
-            results[f"knn_top1_k{cfg.eval.knn_k_large}"] = knn_top1(
-                train_x, train_y, test_x, test_y, k=cfg.eval.knn_k_large, temperature=cfg.eval.knn_temperature)
+            names[f"knn_top1_k{cfg.eval.knn_k_large}"] = cfg.eval.knn_k_large
+        accuracies = knn_top1_each(train_x, train_y, test_x, test_y, names.values(), cfg.eval.knn_temperature)
+        results.update(zip(names, accuracies))
     if "linear" in protocols:
         results["linear_top1"] = linear_probe(train_x, train_y, test_x, test_y)["top1"]
     if "lowshot" in protocols:

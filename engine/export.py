@@ -79,17 +79,17 @@ def read_deepspeed_checkpoint(path: str | Path) -> BackboneWeights:
                                 f"`latest` file) or one of its step_XXXXXXXX folders")
     from engine.checkpoint import read_manifest  # here: it imports DeepSpeed
 
-    if read_manifest(checkpoints / tag) is None:
+    manifest = read_manifest(checkpoints / tag)
+    if manifest is None:
         raise ValueError(f"{checkpoints / tag} is not a complete checkpoint (no complete.json, or a file missing or "
                          f"cut short): export the step `latest` names, or another complete step_XXXXXXXX folder")
-    states_files = sorted((checkpoints / tag).glob("*model_states.pt"))
     run_config = checkpoints.parent / "config.yaml"
     if not run_config.is_file():
         raise FileNotFoundError(f"{run_config} not found: it names the backbone that {checkpoints} was trained with")
     config = yaml.safe_load(run_config.read_text())
-    states = torch.load(states_files[0], map_location="cpu", weights_only=True)
-    if states["ds_config"].get("zero_optimization", {}).get("stage", 0) == 0:
-        model = states["module"]
+    if manifest["zero_stage"] == 0:
+        model = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=True)["module"]
     else:
         # ZeRO >= 1: the exact fp32 weights are the optimizer's master copy, partitioned across the ranks' files.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

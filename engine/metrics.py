@@ -73,9 +73,9 @@ def _save(fig, png_path: str | Path) -> Path:
     return png_path
 
 
-def plot_loss(metrics_path: str | Path, png_path: str | Path, num_prototypes: int | None = None) -> Path:
-    """Loss (and lr) against step, with ln(K) — the loss of uniform predictions, i.e. collapse — marked."""
-    records = run_records(metrics_path)
+def plot_loss(records: list[dict], png_path: str | Path, num_prototypes: int | None = None) -> Path:
+    """Loss (and lr) of a run's records (run_records) against step, with ln(K) — the loss of uniform predictions,
+    i.e. collapse — marked."""
     steps = [r["step"] for r in records]
     fig, ax = _pyplot().subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], label="SwAV loss")

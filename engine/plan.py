@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.activation_checkpointing import GRANULARITIES
+
 PRECISIONS = {  # bytes per parameter: weights, gradients, optimizer state
     "fp32": (4, 4, 4),
     "bf16": (4, 4, 4),
@@ -66,7 +68,6 @@ PRECISIONS = {  # bytes per parameter: weights, gradients, optimizer state
 PROTOTYPE_BYTES = (4, 4, 4)  # prototypes stay fp32 in every precision; the optimizer keeps their momentum only
 AUTOCAST_COPY_BYTES = 2
 ZERO3_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's default stage3_max_live_parameters
-CHECKPOINTING = ("none", "block", "stage")
 GIB = 2**30
 
 
@@ -91,8 +92,8 @@ def swav_config(preset: str, crops: list[tuple[int, int]], *, head_hidden: list[
     from dataloading.config import CropGroup
     from engine.config import Config
 
-    if checkpointing not in CHECKPOINTING:
-        raise ValueError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got {checkpointing!r}")
+    if checkpointing not in GRANULARITIES:
+        raise ValueError(f"--checkpointing must be one of {', '.join(GRANULARITIES)}, got {checkpointing!r}")
     cfg = Config()
     cfg.model.backbone = preset
     cfg.model.head_hidden_dims = list(head_hidden) if head_hidden is not None else cfg.model.head_hidden_dims
@@ -249,8 +250,8 @@ def _tensor_bytes(t: torch.Tensor, precision: str) -> float:
 
 def activation_peak(trace: ActivationTrace, checkpointing: str, precision: str = "fp32") -> dict:
     """The activation part of a step's peak memory (bytes) under `checkpointing`, by the model in the docstring."""
-    if checkpointing not in CHECKPOINTING:
-        raise ValueError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got {checkpointing!r}")
+    if checkpointing not in GRANULARITIES:
+        raise ValueError(f"--checkpointing must be one of {', '.join(GRANULARITIES)}, got {checkpointing!r}")
     owner_of = {"none": lambda s: None, "block": lambda s: s.block, "stage": lambda s: s.stage}[checkpointing]
     checkpointed = {"none": [], "block": trace.block_calls, "stage": trace.stage_calls}[checkpointing]
     calls = checkpointed or trace.block_calls  # without checkpointing, the block calls bound the transients
@@ -394,8 +395,6 @@ def plan(preset: str, *, gpus: int, gpu_mem_gib: float, zero: int = 0, checkpoin
         raise ValueError(f"--gpu-mem must be > 0 and --headroom in [0, 1), got {gpu_mem_gib} and {headroom}")
     if img_per_s is not None and img_per_s <= 0:
         raise ValueError(f"--img-per-s must be > 0, got {img_per_s}")
-    if checkpointing not in CHECKPOINTING:
-        raise ValueError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got {checkpointing!r}")
     crop_groups = parse_crops(crops)
     cfg = swav_config(preset, crop_groups, head_hidden=head_hidden, embedding_dim=embedding_dim,
                       prototypes=prototypes, checkpointing=checkpointing)

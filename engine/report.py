@@ -31,7 +31,7 @@ def write_report(run_dir: str | Path) -> Path:
         kept = [r for r in records if key in r]
         return [r["step"] for r in kept], [r[key] for r in kept]
 
-    plots = {"loss and learning rate": plot_loss(metrics_path, run_dir / "loss.png", k),
+    plots = {"loss and learning rate": plot_loss(records, run_dir / "loss.png", k),
              "throughput": plot_series(run_dir / "throughput.png", {"images/s": series("img_per_s")}, "images / s")}
     if "proto_used" in records[-1]:
         used_steps, entropies = series("proto_entropy")
