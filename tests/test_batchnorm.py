@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.batchnorm import batch_norm_group, sync_batch_norm
-from engine.distributed import free_port
+from engine.distributed import free_port, shutdown_and_exit
 from engine.models import build_backbone
 
 WORLD, PER_RANK, GROUP_SIZES = 4, 4, (4, 2, 1)
@@ -48,7 +48,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
             grad.copy_(sum(parts[r] for r in group_ranks))
         results[size] = (out, grads, buffers)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    shutdown_and_exit(0)  # not the interpreter's shutdown, which races with gloo's threads
 
 
 @pytest.fixture(scope="module")

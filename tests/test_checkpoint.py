@@ -3,7 +3,6 @@
 Also a script for the DeepSpeed launcher: `deepspeed --num_gpus 2 tests/test_checkpoint.py OUT CONFIG...` trains each
 config on 2 ranks, checkpoints, and continues on a fixed batch (the reference the 1-rank resume is compared with).
 """
-import os
 import shutil
 import signal
 import subprocess
@@ -22,15 +21,9 @@ from engine.checkpoint import CheckpointWarning, Checkpointer, _writer, consolid
 from engine.config import load_config
 from engine.distributed import all_reduce_mean, free_port
 from engine.pretrain import Pretrainer, pretrain
-from tiny_run import REPO, final_weights, tiny_config
+from tiny_run import REPO, child_env, final_weights, tiny_config
 
 STEP_DIR = "step_" + "[0-9]" * 8
-
-
-def child_env() -> dict:
-    """This environment minus the rank variables an in-process run set (a child would join its process group)."""
-    rank_variables = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in rank_variables}, "OMP_NUM_THREADS": "1"}
 
 
 def test_incomplete_checkpoints_are_never_used(shards, tmp_path):

@@ -1,12 +1,10 @@
 """The `seer` console command as a user runs it: one clear line for bad input, JSON results otherwise."""
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 from PIL import Image
 
-SEER = str(Path(sys.executable).parent / "seer")
+from tiny_run import SEER
 
 
 def seer(*args, cwd=None):

@@ -4,9 +4,7 @@ Every round trip is checked by loading strictly into an independently built netw
 bit for bit; the DeepSpeed checkpoints come from real (2-step) pretraining runs on Fashion-MNIST.
 """
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,10 +19,7 @@ from engine.cli import build_parser
 from engine.export import export, load_backbone_weights
 from engine.models import build_backbone, build_swav_model
 from engine.pretrain import pretrain
-from tiny_run import tiny_config, write_class_folders
-
-SEER = str(Path(sys.executable).parent / "seer")
-
+from tiny_run import SEER, child_env, tiny_config, write_class_folders
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -171,10 +166,9 @@ def test_bad_weight_files_are_one_clear_error(shards, tmp_path):
     with pytest.raises(ValueError, match="name the output \\*.safetensors"):
         export(micro, tmp_path / "out.pt")
     # Through the command: one line, no traceback. (Without the rank variables this test process has set.)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     run = subprocess.run([SEER, "pretrain", *[f"{k}={v}" for k, v in (
         ("data.train_shards", shards["train"]), ("model.backbone", "regnety_tiny"), ("model.init_weights", micro),
-        ("train.output_dir", tmp_path / "cli-run"))]], capture_output=True, text=True, timeout=300, env=env)
+        ("train.output_dir", tmp_path / "cli-run"))]], capture_output=True, text=True, timeout=300, env=child_env())
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1].startswith(f"seer: error: model.init_weights={micro} does not fit")
     assert "Traceback" not in run.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,8 @@ from engine.classifier import load_classifier
 from engine.config import ConfigError, load_config
 from engine.finetune import Finetuner, count_correct, finetune
 from engine.models import build_backbone
+
+from tiny_run import SEER
 
 N_TRAIN, N_TEST = 400, 200
 GRAY = dict(channels=1, mean=(0.286,), std=(0.353,))
@@ -196,8 +197,7 @@ def test_unusable_configs_are_one_clear_error(finetuned, shards, unlabelled, tmp
 
 
 def test_cli_reports_unlabelled_shards_in_one_line(unlabelled, tmp_path):
-    seer = Path(sys.executable).parent / "seer"
-    cli = subprocess.run([str(seer), "finetune", "--weights", "random", f"finetune.train_shards={unlabelled}",
+    cli = subprocess.run([SEER, "finetune", "--weights", "random", f"finetune.train_shards={unlabelled}",
                           f"finetune.output_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert cli.stderr.strip().splitlines()[-1].startswith("seer: error: finetune.train_shards=")

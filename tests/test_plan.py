@@ -3,8 +3,6 @@
 import argparse
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch
 from engine import plan as P
 from engine.models import build_backbone, build_swav_model
 
-SEER = str(Path(sys.executable).parent / "seer")
+from tiny_run import SEER
 SMALL_HEAD = dict(head_hidden=[64], embedding_dim=32, prototypes=100)
 # (preset, crops, batch): small enough for a CPU step; not used to shape the activation model (regnety_micro at
 # 2x32,4x16 and regnety_tiny/002/004 at 48-64 px were). Shapes chosen to stay clear of a oneDNN crash in torch

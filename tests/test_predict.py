@@ -6,9 +6,7 @@ shards by the eval loader; the images are real Fashion-MNIST training images wri
 import contextlib
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -24,9 +22,8 @@ from engine.evaluate import evaluate
 from engine.export import export, load_backbone_weights
 from engine.models import build_backbone
 from engine.predict import predict
-from tiny_run import write_class_folders
+from tiny_run import SEER, child_env, write_class_folders
 
-SEER = str(Path(sys.executable).parent / "seer")
 IMAGE_SIZE = 32
 
 
@@ -149,9 +146,8 @@ def test_bad_inputs_are_one_clear_error(setup, head, tmp_path):
         args = build_parser().parse_args(["eval", "knn", *setup["overrides"], "--weights", str(setup["weights"]),
                                           "--save-head", str(tmp_path / "h.pt")])
         args.run(args)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     run = subprocess.run([SEER, "predict", "--model", str(head_file), str(tmp_path)], capture_output=True, text=True,
-                         timeout=300, env=env)
+                         timeout=300, env=child_env())
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == (f"seer: error: {tmp_path / 'cut.png'} is not a usable image "
                                                    f"file: corrupt")

@@ -14,7 +14,7 @@ from tiny_run import REPO, tiny_config
 
 
 @pytest.fixture(scope="module")
-def run_dir(shards, tmp_path_factory):  # noqa: F811
+def run_dir(shards, tmp_path_factory):
     """8 steps at softmax temperature 100 (loss pinned at ln K, flagged from step 3) with an online kNN every 4."""
     out = tmp_path_factory.mktemp("report") / "run"
     pretrain(tiny_config(shards, out, "train.steps=8", "swav.temperature=100", "monitor.knn_every=4",

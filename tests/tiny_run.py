@@ -1,4 +1,7 @@
-"""Shared by the training tests: real Fashion-MNIST images packed like a user's folder, and a tiny config."""
+"""Shared by the training tests: real Fashion-MNIST images packed like a user's folder, a tiny config, the `seer`
+command and the environment for child processes."""
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +12,13 @@ from dataloading.sources import load_idx
 from engine.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
+SEER = str(Path(sys.executable).parent / "seer")  # the console command, as a user runs it
+
+
+def child_env() -> dict:
+    """This environment minus the rank variables an in-process run set (a child would join its process group)."""
+    rank_variables = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in rank_variables}, "OMP_NUM_THREADS": "1"}
 
 TINY = [
     "model.backbone=regnety_micro", "model.head_hidden_dims=[32]", "model.embedding_dim=16",
