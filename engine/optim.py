@@ -50,17 +50,18 @@ class Segments:
                                               ([s[0] for s in self.segments], covering, lengths))
         return self._index_cache[device]
 
-    def add_squared_norms(self, sums: torch.Tensor, tensor: torch.Tensor) -> None:
-        """sums[slot] += squared norm of the slot's piece of `tensor`."""
-        if not self.segments:
-            return
+    def slots(self, device: torch.device) -> torch.Tensor:
+        """The slots of the segments, in order (int64 on `device`)."""
+        return self._index(device)[0]
+
+    def norms(self, tensor: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The norm of each segment's piece of `tensor`, in the order of `slots`."""
         if self.whole:  # the tensor itself: keeps its memory format (channels_last parameters)
             pieces = [tensor]
         else:
             flat = tensor.view(-1)
             pieces = [flat.narrow(0, start, length) for _, start, length in self.segments]
-        norms = torch.stack([torch.linalg.vector_norm(piece, dtype=sums.dtype) for piece in pieces])
-        sums.index_add_(0, self._index(sums.device)[0], norms.square())
+        return [torch.linalg.vector_norm(piece, dtype=dtype) for piece in pieces]
 
     def spread(self, per_slot: torch.Tensor) -> torch.Tensor:
         """Each element's slot value (1 on padding): a scalar for a whole parameter, else one value per element."""
@@ -195,14 +196,22 @@ class LARS(torch.optim.Optimizer):
     def _norms(self, groups: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """||w|| and ||g|| of every original parameter (indexed by slot) that has pieces in these groups."""
         first = groups[0]["params"][0]
-        sums = torch.zeros(2, len(self.originals), device=first.device,
-                           dtype=torch.promote_types(first.dtype, torch.float32))
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        sums = torch.zeros(2, len(self.originals), device=first.device, dtype=dtype)
+        slots, w_pieces, g_pieces = [], [], []
         for group in groups:
             for p in group["params"]:
                 if p.grad is not None:
                     segments = self._segments(p)
-                    segments.add_squared_norms(sums[0], p)
-                    segments.add_squared_norms(sums[1], p.grad)
+                    slots.append(segments.slots(sums.device))
+                    w_pieces += segments.norms(p, dtype)
+                    g_pieces += segments.norms(p.grad, dtype)
+        if w_pieces:
+            # One index_add per row for all tensors: a call steps at most one piece of a parameter on this rank,
+            # so each slot receives one term, the same sums as one add per tensor.
+            index = torch.cat(slots)
+            sums[0].index_add_(0, index, torch.stack(w_pieces).square())
+            sums[1].index_add_(0, index, torch.stack(g_pieces).square())
         if self._group is not None:  # add the pieces the other ranks hold
             total = sums.to(_reduce_device(self._group))
             dist.all_reduce(total, group=self._group)
