@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import random
+import stat
 import sys
 import tarfile
 import warnings
@@ -160,12 +161,21 @@ def _digest(*parts: bytes) -> str:
 def _scan_folder(root: Path, out: Path, labels_from_folders: bool, quality: int, max_side: int | None) -> _Inputs:
     """All files under root (but not under out) in a fixed shuffled order, their labels, class names, and files
     refused up front."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and out not in p.parents)
+    sizes = {}  # one stat per file (a billion-file tree is stat-bound): regular files, symlinks followed
+    for path in root.rglob("*"):
+        if out not in path.parents:
+            try:
+                info = path.stat()
+            except OSError:  # a broken link or an unreadable entry: not a file to pack
+                continue
+            if stat.S_ISREG(info.st_mode):
+                sizes[path] = info.st_size
+    files = sorted(sizes)
     relative = [p.relative_to(root) for p in files]
     class_dirs = sorted({r.parts[0] for r in relative if len(r.parts) > 1})
     classes = class_dirs if labels_from_folders and class_dirs else None
     class_index = {name: i for i, name in enumerate(classes or [])}
-    listing = "".join(f"{r.as_posix()}\t{p.stat().st_size}\n" for p, r in zip(files, relative))
+    listing = "".join(f"{r.as_posix()}\t{sizes[p]}\n" for p, r in zip(files, relative))
     paths, labels, refused = [], [], []
     for path, rel in zip(files, relative):
         if classes is not None and len(rel.parts) == 1:
