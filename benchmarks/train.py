@@ -4,12 +4,12 @@
     seer bench train --preset regnety_256gf --batch 16 --steps 20                        # GPU: bf16, channels_last
     python benchmarks/train.py --preset regnety_32gf ...                                 # the same, without `seer`
 
-What one step is: the trainer's step at ZeRO 0 (engine.pretrain.Pretrainer.train_step), run directly in PyTorch,
+What one step is: the trainer's step at ZeRO 0 (engine.training.pretrain.Pretrainer.train_step), run directly in PyTorch,
 not through a DeepSpeed engine (whose ZeRO-0 wrapper adds ~1 ms per step, and which the GPU check image lacks):
-the engine's SwAV model (engine.models.build_swav_model: the RegNetY preset, SEER's head feat -> 8192 -> 8192 -> 256
+the engine's SwAV model (engine.models.swav.build_swav_model: the RegNetY preset, SEER's head feat -> 8192 -> 8192 -> 256
 and 16,000 fp32 prototypes unless told otherwise, the SwAV loss of `kernels`, Triton on CUDA) in training mode,
 forward under bf16 autocast (`--precision bf16`, the engine's train.precision=bf16) or in fp32, backward, the
-engine's LARS optimizer (engine.optim, every group at the peak lr, prototypes not frozen), zero_grad and the prototype
+engine's LARS optimizer (engine.training.optim, every group at the peak lr, prototypes not frozen), zero_grad and the prototype
 re-normalisation. Inputs: synthetic normal-noise crops of the recipe, created once on the device: data loading is
 excluded (`seer bench data` measures it). The first --warmup steps are not timed.
 
@@ -92,8 +92,8 @@ class TrainStep:
     """The engine's SwAV model, optimizer and step (as Pretrainer.train_step at ZeRO 0) on synthetic crops."""
 
     def __init__(self, cfg, device: torch.device, batch: int, precision: str):
-        from engine.models import build_swav_model
-        from engine.optim import build_optimizer
+        from engine.models.swav import build_swav_model
+        from engine.training.optim import build_optimizer
 
         if cfg.model.activation_checkpointing != "none":
             from engine.distributed import init_distributed
@@ -202,7 +202,7 @@ def benchmark(preset: str, *, batch: int, steps: int, warmup: int, crops: str, p
         "head": plan["head"],
         "steps": steps,
         "warmup_steps": warmup,
-        "step": "engine SwAV model + engine.optim LARS, plain PyTorch (no DeepSpeed engine), ZeRO 0, one process",
+        "step": "engine SwAV model + engine.training.optim LARS, plain PyTorch (no DeepSpeed engine), ZeRO 0, one process",
         "data": "synthetic crops created once on the device: data loading excluded",
         "img_per_s": batch * steps / sum(times),
         "step_ms_p20": 1e3 * _percentile(times, 0.2),
@@ -242,7 +242,7 @@ def summary(record: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", required=True, help="backbone: a preset of engine.models.PRESETS or a timm RegNet")
+    parser.add_argument("--preset", required=True, help="backbone: a preset of engine.models.backbone.PRESETS or a timm RegNet")
     parser.add_argument("--batch", type=int, default=16, help="images per step, each with every crop (SEER: 16)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")

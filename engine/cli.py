@@ -29,27 +29,27 @@ def _tiles(args) -> None:
 
 def _pretrain(args) -> None:
     from engine.config import load_config
-    from engine.pretrain import pretrain
+    from engine.training.pretrain import pretrain
 
     print(json.dumps(pretrain(load_config(args.config, args.overrides), resume=args.resume)))
 
 
 def _finetune(args) -> None:
     from engine.config import load_config
-    from engine.finetune import finetune
+    from engine.training.finetune import finetune
 
     print(json.dumps(finetune(load_config(args.config, args.overrides), args.weights)))
 
 
 def _eval(args) -> None:
     from engine.config import load_config
-    from engine.evaluate import PROTOCOLS, FeatureCache, evaluate
-    from engine.export import load_backbone_weights
+    from engine.evaluation.evaluate import PROTOCOLS, FeatureCache, evaluate
+    from engine.models.weights import load_backbone_weights
 
     cfg = load_config(args.config, args.overrides)
     pixels = args.weights == "pixels"
     if args.save_head:
-        from engine.predict import save_linear_head
+        from engine.evaluation.predict import save_linear_head
 
         if args.protocol != "linear" or pixels:
             raise ValueError("--save-head saves the linear probe of a backbone: "
@@ -67,7 +67,7 @@ def _eval(args) -> None:
 
 
 def _export(args) -> None:
-    from engine.export import export
+    from engine.training.export import export
 
     summary = export(args.checkpoint, args.out)
     print(f"wrote {summary['out']} ({summary['tensors']} tensors of backbone {summary['backbone']}); load it with:\n"
@@ -76,7 +76,7 @@ def _export(args) -> None:
 
 
 def _predict(args) -> None:
-    from engine.predict import predict
+    from engine.evaluation.predict import predict
 
     results = predict(args.model, args.images, top_k=args.top_k)
     if args.json:
@@ -125,8 +125,8 @@ def _bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.finetune import add_arguments as add_finetune_arguments
-    from engine.pretrain import add_arguments
+    from engine.training.finetune import add_arguments as add_finetune_arguments
+    from engine.training.pretrain import add_arguments
 
     parser = argparse.ArgumentParser(prog="seer", description="SEER-style SwAV pretraining engine")
     commands = parser.add_subparsers(dest="command", required=True)

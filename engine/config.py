@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    backbone: str = "regnety_tiny"  # preset of engine.models.PRESETS or a timm RegNet name
+    backbone: str = "regnety_tiny"  # preset of engine.models.backbone.PRESETS or a timm RegNet name
     head_hidden_dims: list[int] = field(default_factory=lambda: [8192, 8192])  # SEER: feat -> 8192 -> 8192 -> 256
     head_batch_norm: bool = False  # SEER's head has no BN; SwAV RN50's has
     embedding_dim: int = 256
@@ -88,7 +88,7 @@ class EvalConfig:
 
 @dataclass
 class MonitorConfig:
-    """Training monitors, evaluated at each metrics record (every train.log_every steps; engine/monitor.py)."""
+    """Training monitors, evaluated at each metrics record (every train.log_every steps; engine/training/monitor.py)."""
 
     # A logged window counts as collapsed when its loss is within collapse_loss_band of ln K (|loss / ln K - 1| <=
     # band: the loss of uniform predictions, where a collapsed run sits), or when the histogram of its assigned

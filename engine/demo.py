@@ -16,10 +16,10 @@ import torch
 
 from dataloading.pack import pack
 from engine.config import DEMO_CONFIG, load_config
-from engine.evaluate import evaluate
-from engine.export import load_backbone_weights
-from engine.metrics import plot_loss, run_records
-from engine.pretrain import pretrain
+from engine.evaluation.evaluate import evaluate
+from engine.models.weights import load_backbone_weights
+from engine.training.metrics import plot_loss, run_records
+from engine.training.pretrain import pretrain
 
 SOURCE_SIZE = 28  # Fashion-MNIST images are 28x28: raw-pixel kNN uses them as they are
 

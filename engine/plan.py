@@ -2,7 +2,7 @@
 
     seer plan --preset regnety_256gf --gpus 8 --gpu-mem 141 --zero 2 --checkpointing block --batch 64
 
-Everything comes from the real model (engine.models.build_swav_model) built on the meta device: shapes without
+Everything comes from the real model (engine.models.swav.build_swav_model) built on the meta device: shapes without
 storage, so even seer_10b costs a second. Sizes are bytes; P = parameters other than the prototypes, K·D = the
 prototypes (always fp32), N = ranks, B = images per rank, each with every crop.
 
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.activation_checkpointing import GRANULARITIES
+from engine.models.activation_checkpointing import GRANULARITIES
 
 PRECISIONS = {  # bytes per parameter: weights, gradients, optimizer state
     "fp32": (4, 4, 4),
@@ -116,7 +116,7 @@ def meta_swav_model(cfg) -> nn.Module:
     The head runs in eval mode: its training-only assignment histogram (no autograd; bincount has no meta kernel)
     is skipped. Checkpointing is left to the analysis (activation_peak), which needs every saved tensor.
     """
-    from engine.models import build_swav_model
+    from engine.models.swav import build_swav_model
 
     checkpointing, cfg.model.activation_checkpointing = cfg.model.activation_checkpointing, "none"
     try:
@@ -183,7 +183,7 @@ def trace_activations(model: nn.Module, crops: list[torch.Tensor]) -> Activation
 
     Works on meta tensors (the plan) and on real ones (the check).
     """
-    from engine.activation_checkpointing import checkpointed_modules
+    from engine.models.activation_checkpointing import checkpointed_modules
 
     backbone, head = model.backbone, model.head
     trace = ActivationTrace()
@@ -495,7 +495,7 @@ def format_plan(p: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", required=True, help="backbone: a preset of engine.models.PRESETS or a timm RegNet")
+    parser.add_argument("--preset", required=True, help="backbone: a preset of engine.models.backbone.PRESETS or a timm RegNet")
     parser.add_argument("--gpus", type=int, required=True, help="ranks (GPUs) in the data-parallel run")
     parser.add_argument("--gpu-mem", type=float, required=True, metavar="GIB",
                         help="memory per GPU in GiB (an H200 reports ~140, an 80 GB H100 ~79.2)")

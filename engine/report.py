@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.metrics import plot_loss, plot_series, run_records
+from engine.training.metrics import plot_loss, plot_series, run_records
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from engine.activation_checkpointing import checkpointed_modules, enable_activation_checkpointing
+from engine.models.activation_checkpointing import checkpointed_modules, enable_activation_checkpointing
 from engine.config import ConfigError, load_config
 from engine.distributed import init_distributed
-from engine.models import build_backbone
+from engine.models.backbone import build_backbone
 
 
 @pytest.fixture(scope="module")

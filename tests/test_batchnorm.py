@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.batchnorm import batch_norm_group, sync_batch_norm
+from engine.models.batchnorm import batch_norm_group, sync_batch_norm
 from engine.distributed import free_port, shutdown_and_exit
-from engine.models import build_backbone
+from engine.models.backbone import build_backbone
 
 WORLD, PER_RANK, GROUP_SIZES = 4, 4, (4, 2, 1)
 

@@ -17,10 +17,10 @@ import yaml
 from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state
 
 from dataloading.sources import load_idx
-from engine.checkpoint import CheckpointWarning, Checkpointer, _writer, consolidate, read_manifest
+from engine.training.checkpoint import CheckpointWarning, Checkpointer, _writer, consolidate, read_manifest
 from engine.config import load_config
 from engine.distributed import all_reduce_mean, free_port
-from engine.pretrain import Pretrainer, pretrain
+from engine.training.pretrain import Pretrainer, pretrain
 from tiny_run import REPO, child_env, final_weights, tiny_config
 
 STEP_DIR = "step_" + "[0-9]" * 8
@@ -87,7 +87,7 @@ def test_kill_9_mid_save_then_auto_resume_equals_uninterrupted(shards, tmp_path)
     run = tmp_path / "killed"
     config_file = tmp_path / "killed.yaml"
     config_file.write_text(yaml.safe_dump(tiny_config(shards, run, *extra).to_dict()))
-    command = [sys.executable, "-m", "engine.pretrain", "--config", str(config_file)]
+    command = [sys.executable, "-m", "engine.training.pretrain", "--config", str(config_file)]
     ckpt, checkpointer = run / "checkpoints", Checkpointer(run / "checkpoints", rank=0, world_size=1)
 
     # First as soon as a save has begun, then once DeepSpeed has started writing its model-states file.

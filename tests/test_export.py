@@ -16,9 +16,11 @@ from timm.models.regnet import RegNet, RegNetCfg
 
 from dataloading.pack import pack
 from engine.cli import build_parser
-from engine.export import export, load_backbone_weights
-from engine.models import build_backbone, build_swav_model
-from engine.pretrain import pretrain
+from engine.models.weights import load_backbone_weights
+from engine.training.export import export
+from engine.models.backbone import build_backbone
+from engine.models.swav import build_swav_model
+from engine.training.pretrain import pretrain
 from tiny_run import SEER, child_env, tiny_config, write_class_folders
 
 @pytest.fixture(scope="module")

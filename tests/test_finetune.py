@@ -15,10 +15,10 @@ from dataloading.pack import pack
 from dataloading.pipeline import build_eval_loader
 from dataloading.sources import load_idx
 from dataloading.supervised import build_supervised_loader, define_supervised_pipeline
-from engine.classifier import load_classifier
+from engine.evaluation.classifier import load_classifier
 from engine.config import ConfigError, load_config
-from engine.finetune import Finetuner, count_correct, finetune
-from engine.models import build_backbone
+from engine.training.finetune import Finetuner, count_correct, finetune
+from engine.models.backbone import build_backbone
 
 from tiny_run import SEER
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from engine.config import load_config
 from engine.distributed import free_port, shutdown_and_exit
-from engine.optim import PROTOTYPES, build_optimizer
-from engine.pretrain import pretrain
+from engine.training.optim import PROTOTYPES, build_optimizer
+from engine.training.pretrain import pretrain
 from tiny_run import final_weights, tiny_config
 
 WORLD, STEPS, BATCH = 2, 5, 8

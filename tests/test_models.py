@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.models import PRESETS, build_backbone, build_swav_model
+from engine.models.backbone import PRESETS, build_backbone
+from engine.models.swav import build_swav_model
 
 # Trunk parameter counts from ../shared/SEER_RECIPE.md (millions).
 SEER_TRUNK_PARAMS = {"regnety_32gf": 141.3, "regnety_64gf": 276.5, "regnety_128gf": 637.4,

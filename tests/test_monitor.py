@@ -1,4 +1,4 @@
-"""Training monitors (engine/monitor.py): prototype usage, the collapse warning, the online kNN."""
+"""Training monitors (engine/training/monitor.py): prototype usage, the collapse warning, the online kNN."""
 import json
 import math
 import os
@@ -13,11 +13,12 @@ from tiny_run import REPO, tiny_config
 
 from engine.config import ConfigError, MonitorConfig, load_config
 from engine.distributed import free_port
-from engine.evaluate import evaluate, knn_top1, split_features
-from engine.export import load_backbone_weights
-from engine.models import SwAVHead, build_backbone
-from engine.monitor import CollapseMonitor, OnlineKnn, prototype_usage
-from engine.pretrain import pretrain
+from engine.evaluation.evaluate import evaluate, knn_top1, split_features
+from engine.models.weights import load_backbone_weights
+from engine.models.backbone import build_backbone
+from engine.models.swav import SwAVHead
+from engine.training.monitor import CollapseMonitor, OnlineKnn, prototype_usage
+from engine.training.pretrain import pretrain
 
 K = 20  # prototypes of the tiny test config
 
@@ -138,7 +139,7 @@ def test_two_ranks_sum_histograms_warn_once_and_run_knn_without_deadlock(shards,
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     run = subprocess.run(
         [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-         "--module", "engine.pretrain", "--config", str(tmp_path / "tiny.yaml")],
+         "--module", "engine.training.pretrain", "--config", str(tmp_path / "tiny.yaml")],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

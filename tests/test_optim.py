@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from engine.config import load_config
-from engine.optim import LARS, NO_DECAY, PROTOTYPES, WEIGHTS, build_optimizer, lr_schedule, parameter_groups, schedules
+from engine.training.optim import LARS, NO_DECAY, PROTOTYPES, WEIGHTS, build_optimizer, lr_schedule, parameter_groups, schedules
 
 
 def lars_by_hand(w, grads, lr, momentum, wd, eta, eps=1e-8):

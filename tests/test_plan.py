@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine import plan as P
-from engine.models import build_backbone, build_swav_model
+from engine.models.backbone import build_backbone
+from engine.models.swav import build_swav_model
 
 from tiny_run import SEER
 SMALL_HEAD = dict(head_hidden=[64], embedding_dim=32, prototypes=100)

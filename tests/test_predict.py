@@ -15,13 +15,14 @@ import torch
 
 from dataloading.pack import _prepare_file, pack
 from dataloading.pipeline import build_eval_loader
-from engine.classifier import load_classifier
+from engine.evaluation.classifier import load_classifier
 from engine.cli import build_parser
 from engine.config import load_config
-from engine.evaluate import evaluate
-from engine.export import export, load_backbone_weights
-from engine.models import build_backbone
-from engine.predict import predict
+from engine.evaluation.evaluate import evaluate
+from engine.models.weights import load_backbone_weights
+from engine.training.export import export
+from engine.models.backbone import build_backbone
+from engine.evaluation.predict import predict
 from tiny_run import SEER, child_env, write_class_folders
 
 IMAGE_SIZE = 32

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from engine.distributed import free_port
-from engine.evaluate import FeatureCache, evaluate, split_features
-from engine.export import load_backbone_weights
-from engine.pretrain import pretrain
+from engine.evaluation.evaluate import FeatureCache, evaluate, split_features
+from engine.models.weights import load_backbone_weights
+from engine.training.pretrain import pretrain
 from tiny_run import REPO, final_weights, tiny_config
 
 def test_pretrain_checkpoint_and_knn(shards, tmp_path):
@@ -95,7 +95,7 @@ def test_two_ranks_through_deepspeed_launcher_stay_in_sync(shards, tmp_path):
     launcher = Path(sys.executable).parent / "deepspeed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.pretrain",
+        [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.training.pretrain",
          "--config", str(config_file)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -110,7 +110,7 @@ def test_two_ranks_through_deepspeed_launcher_stay_in_sync(shards, tmp_path):
 def test_zero_stages_keep_prototypes_unit_norm_and_match_stage_0(shards, tmp_path, stage):
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from engine.pretrain import Pretrainer
+    from engine.training.pretrain import Pretrainer
 
     common = ("optim.name=sgd", "train.steps=4", "model.channels_last=false")
     pretrain(tiny_config(shards, tmp_path / "stage0", *common))
@@ -135,7 +135,7 @@ def test_zero_stages_keep_prototypes_unit_norm_and_match_stage_0(shards, tmp_pat
 
 
 def test_deepspeed_does_not_clip_unless_asked(shards, tmp_path):
-    from engine.pretrain import Pretrainer
+    from engine.training.pretrain import Pretrainer
 
     trainer = Pretrainer(tiny_config(shards, tmp_path / "noclip", "train.steps=1"))
     assert trainer.engine.gradient_clipping() == 0.0  # DeepSpeed's own default would be 1.0
@@ -158,7 +158,7 @@ def test_activation_checkpointing_trains_like_plain(shards, tmp_path, stage):
 
 @pytest.mark.parametrize("stage,checkpointing", [(0, "none"), (2, "block")])
 def test_bf16_autocast_through_deepspeed(shards, tmp_path, stage, checkpointing):
-    from engine.pretrain import Pretrainer
+    from engine.training.pretrain import Pretrainer
 
     trainer = Pretrainer(tiny_config(shards, tmp_path / "bf16", "train.steps=2", f"train.zero_stage={stage}",
                                      "train.precision=bf16", f"model.activation_checkpointing={checkpointing}"))

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from dataloading.sources import load_idx
-from engine.evaluate import knn_top1
-from engine.probes import class_balanced_subset, linear_probe, low_shot_probe
+from engine.evaluation.evaluate import knn_top1
+from engine.evaluation.probes import class_balanced_subset, linear_probe, low_shot_probe
 
 
 @pytest.fixture(scope="module")

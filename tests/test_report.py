@@ -7,8 +7,8 @@ import sys
 import pytest
 from PIL import Image
 
-from engine.metrics import run_records
-from engine.pretrain import pretrain
+from engine.training.metrics import run_records
+from engine.training.pretrain import pretrain
 from engine.report import write_report
 from tiny_run import REPO, tiny_config
 

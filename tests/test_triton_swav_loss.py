@@ -180,7 +180,7 @@ def test_torch_compile_of_caller():
 
 def test_engine_head_runs_triton():
     """The engine's SwAV head with backend="triton" (what "auto" picks on CUDA) trains like the reference."""
-    from engine.models import SwAVHead
+    from engine.models.swav import SwAVHead
 
     options = dict(crops_for_assign=(0, 1), temperature=0.1, epsilon=0.03, sinkhorn_iterations=3, group=None)
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """SwAV pretraining loop.
 
     seer pretrain [--config FILE] [--resume] [section.key=value ...]
-    deepspeed --num_gpus N --module engine.pretrain [--config FILE] [--resume] [section.key=value ...]
+    deepspeed --num_gpus N --module engine.training.pretrain [--config FILE] [--resume] [section.key=value ...]
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from deepspeed.utils import safe_set_full_fp32_param
 from tqdm import tqdm
 
 from dataloading.pipeline import build_train_loader
-from engine.batchnorm import batch_norm_group
-from engine.checkpoint import Checkpointer
+from engine.models.batchnorm import batch_norm_group
+from engine.training.checkpoint import Checkpointer
 from engine.config import Config, ConfigError, load_config
 from engine.distributed import DistInfo, all_reduce_mean, init_distributed, launched_arguments, run_rank_and_exit
-from engine.metrics import MetricsWriter
-from engine.models import build_swav_model
-from engine.monitor import TrainingMonitor
-from engine.optim import build_optimizer, schedules
+from engine.training.metrics import MetricsWriter
+from engine.models.swav import build_swav_model
+from engine.training.monitor import TrainingMonitor
+from engine.training.optim import build_optimizer, schedules
 
 
 def deepspeed_config(*, batch_size: int, world_size: int, zero_stage: int, gradient_clipping: float,
@@ -252,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = launched_arguments("engine.pretrain", __doc__, add_arguments, argv)
+    args = launched_arguments("engine.training.pretrain", __doc__, add_arguments, argv)
     cfg = load_config(args.config, args.overrides)
     run_rank_and_exit(lambda: pretrain(cfg, resume=args.resume))
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dataloading.pipeline import build_eval_loader
-from engine.probes import linear_probe, low_shot_probe
+from engine.evaluation.probes import linear_probe, low_shot_probe
 
 
 @torch.no_grad()

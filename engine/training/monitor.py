@@ -18,7 +18,7 @@ from tqdm import tqdm
 from dataloading.pipeline import build_eval_loader, class_names, read_manifest
 from engine.config import Config, MonitorConfig
 from engine.distributed import DistInfo
-from engine.evaluate import extract_features, knn_top1
+from engine.evaluation.evaluate import extract_features, knn_top1
 
 
 def prototype_usage(counts: torch.Tensor) -> dict[str, float]:
@@ -107,7 +107,7 @@ class OnlineKnn:
 
 
 class TrainingMonitor:
-    """What the monitors add to each metrics record of pretraining (engine/pretrain.py); `start_step`: the step
+    """What the monitors add to each metrics record of pretraining (engine/training/pretrain.py); `start_step`: the step
     training starts (or resumes) from."""
 
     def __init__(self, cfg: Config, dist_info: DistInfo, model: nn.Module, start_step: int = 0):

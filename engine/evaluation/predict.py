@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 
 from dataloading.pipeline import image_file_batches, matching_class_names
-from engine.classifier import Classifier, load_classifier, save_classifier
-from engine.evaluate import FeatureCache, split_features
-from engine.export import backbone_from_weights, read_weights
-from engine.probes import fit_linear_probe
+from engine.evaluation.classifier import Classifier, load_classifier, save_classifier
+from engine.evaluation.evaluate import FeatureCache, split_features
+from engine.models.weights import backbone_from_weights, read_weights
+from engine.evaluation.probes import fit_linear_probe
 
 
 def save_linear_head(weights_path: str | Path, cfg, out: str | Path, image_size: int | None = None) -> dict:
     """Fit the linear probe of `seer eval linear` on the frozen features of cfg.eval.train_shards and save it,
-    with the backbone at `weights_path`, as a Classifier file (engine.classifier). Returns the probe's test
+    with the backbone at `weights_path`, as a Classifier file (engine.evaluation.classifier). Returns the probe's test
     top-1 on cfg.eval.test_shards, the `linear_top1` of `seer eval linear`."""
     backbone, name = backbone_from_weights(read_weights(weights_path), channels=cfg.data.channels)
     backbone.eval()

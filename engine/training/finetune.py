@@ -3,7 +3,7 @@ the test split (SEER's headline ImageNet number is a fine-tuned one). The same b
 pretrained file or from random weights, for a comparison at the same budget.
 
     seer finetune --weights RUN/backbone_final.pt|random [--config FILE] [section.key=value ...]
-    deepspeed --num_gpus N --module engine.finetune --weights ... [--config FILE] [section.key=value ...]
+    deepspeed --num_gpus N --module engine.training.finetune --weights ... [--config FILE] [section.key=value ...]
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from dataloading.pipeline import build_eval_loader, matching_class_names
 from dataloading.supervised import build_supervised_loader
-from engine.classifier import Classifier, save_classifier
+from engine.evaluation.classifier import Classifier, save_classifier
 from engine.config import Config, ConfigError, OptimConfig, load_config
 from engine.distributed import DistInfo, all_reduce_mean, init_distributed, launched_arguments, run_rank_and_exit
-from engine.export import backbone_from_weights, read_weights
-from engine.metrics import MetricsWriter
-from engine.models import build_backbone
-from engine.optim import build_optimizer, lr_schedule
-from engine.pretrain import autocast, deepspeed_config, git_commit, nchw_reason
+from engine.models.weights import backbone_from_weights, read_weights
+from engine.training.metrics import MetricsWriter
+from engine.models.backbone import build_backbone
+from engine.training.optim import build_optimizer, lr_schedule
+from engine.training.pretrain import autocast, deepspeed_config, git_commit, nchw_reason
 
 CLASSIFIER_FILE = "classifier.pt"
 
@@ -212,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = launched_arguments("engine.finetune", __doc__, add_arguments, argv)
+    args = launched_arguments("engine.training.finetune", __doc__, add_arguments, argv)
     cfg = load_config(args.config, args.overrides)
     run_rank_and_exit(lambda: finetune(cfg, args.weights))
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models import build_backbone
+from engine.models.backbone import build_backbone
 
 FORMAT = "seer-classifier/1"
 
@@ -20,7 +20,7 @@ class Classifier(nn.Module):
     """images -> logits: backbone features, optionally L2-normalized then standardized, then one linear layer.
 
     `normalize_features` with `feature_mean`/`feature_std` reproduces a linear probe fitted on the normalized,
-    standardized features of `engine.evaluate`; a fine-tuned model uses the raw pooled features.
+    standardized features of `engine.evaluation.evaluate`; a fine-tuned model uses the raw pooled features.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, normalize_features: bool = False,
