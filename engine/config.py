@@ -1,7 +1,9 @@
-"""Typed run configuration: dataclasses filled from YAML, then `section.key=value` overrides.
+"""Typed run configuration: the defaults below, then a YAML delta file, then `section.key=value` overrides.
 
-Every key has a default here; `engine/configs/demo.yaml` is the demo's embedded default and the list of every key
-with its unit. Loading checks names and types strictly so a typo fails at start-up, not hours into a run.
+The defaults are SEER's recipe (RegNetY-256GF, arXiv 2103.01988; ../shared/SEER_RECIPE.md), every key with its unit.
+A config file lists only what it changes (engine/configs/: `demo` for Fashion-MNIST on a CPU, `seer_regnety_256gf`
+for a real data set); `--config NAME` finds those packaged files by name. Loading checks names and types strictly,
+so a typo fails at start-up, not hours into a run.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import yaml
 
 from dataloading.config import DataConfig, check_data_config
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).parent / "configs"  # packaged delta files, found by name (`--config demo`)
 
 
 class ConfigError(ValueError):
@@ -26,24 +28,25 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    backbone: str = "regnety_tiny"  # preset of engine.models.backbone.PRESETS or a timm RegNet name
+    backbone: str = "regnety_256gf"  # preset of engine.models.backbone.PRESETS or a timm RegNet name
     head_hidden_dims: list[int] = field(default_factory=lambda: [8192, 8192])  # SEER: feat -> 8192 -> 8192 -> 256
     head_batch_norm: bool = False  # SEER's head has no BN; SwAV RN50's has
     embedding_dim: int = 256
     num_prototypes: int = 16000
-    channels_last: bool = True  # NHWC activations: faster convolutions on CPU and on tensor cores
+    # NHWC activations: faster convolutions on CPU and on tensor cores; not applicable under ZeRO >= 1 (SEER's ZeRO-2)
+    channels_last: bool = False
     init_weights: str = ""  # backbone weights to start from: timm-format .safetensors or backbone_*.pt; "" = random
     sync_bn_group_size: int = 64  # ranks sharing BatchNorm batch statistics (SEER: 64); 1 = per rank; capped at world
-    activation_checkpointing: str = "none"  # none | block | stage: trunk modules that keep only their input
+    activation_checkpointing: str = "block"  # none | block | stage: trunk modules that keep only their input
 
 
 @dataclass
 class SwAVConfig:
     temperature: float = 0.1
     epsilon: float = 0.05  # Sinkhorn entropy regularisation (SEER-10B: 0.03)
-    sinkhorn_iterations: int = 3  # SEER: 10
+    sinkhorn_iterations: int = 10  # SwAV: 3
     crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])  # indices in crop-major order
-    freeze_prototypes_steps: int = 313  # prototypes get no update for this many first steps
+    freeze_prototypes_steps: int = 313  # prototypes get no update for this many first steps (SwAV: 1 epoch at 4096)
     backend: str = "auto"  # kernels backend: auto | torch | triton
 
 
@@ -52,22 +55,22 @@ class OptimConfig:
     name: str = "lars"  # lars (SGD + LARS, as SEER) | sgd (momentum SGD)
     lr: float = 0.3  # peak learning rate per 256 images of global batch
     final_lr_fraction: float = 0.001  # cosine decays to lr * this
-    warmup_steps: int = 100  # linear warm-up from 0 to the peak
+    warmup_steps: int = 8000  # steps of linear warm-up from 0 to the peak
     momentum: float = 0.9
-    weight_decay: float = 1e-6  # not applied to biases and normalisation parameters
+    weight_decay: float = 1e-5  # not applied to biases and normalisation parameters
     trust_coefficient: float = 0.001  # LARS eta
     gradient_clipping: float = 0.0  # global gradient-norm clip, 0 = off (SwAV/SEER: off; DeepSpeed's own default is 1)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64  # images per rank per step (each with every crop)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast, fp32 weights (SEER's AMP); fp16 (GPU) with loss scaling
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    steps: int = 122000  # SEER: one pass over 1B images at a global batch of 8,192
+    batch_size: int = 16  # images per rank per step, each with every crop (SEER: 16 x 512 V100)
+    precision: str = "bf16"  # fp32 | bf16 | fp16: autocast, fp32 weights (SEER's AMP); fp16 (GPU) with loss scaling
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     output_dir: str = "runs/pretrain"
-    log_every: int = 10  # steps between metric records
-    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    log_every: int = 50  # steps between metric records
+    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
     resume: str = "auto"  # auto: continue from the newest complete checkpoint in output_dir if any | never | must
     seed: int = 0
@@ -78,12 +81,12 @@ class TrainConfig:
 class EvalConfig:
     train_shards: str = ""  # labelled shards the kNN memory bank is built from
     test_shards: str = ""  # labelled shards that are classified
-    image_size: int = 224  # eval images are resized to this square
+    image_size: int = 224  # px; eval images are resized to this square
     knn_k: int = 20
     knn_k_large: int = 200  # a second kNN with this many neighbours (SwAV/DINO report k=20 and 200); 0 = off
     knn_temperature: float = 0.07
     feature_cache: bool = True  # keep extracted features in feature_cache/ beside the weights file
-    batch_size: int = 256
+    batch_size: int = 256  # images per forward pass
 
 
 @dataclass
@@ -153,17 +156,30 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file: a path, or the name of a packaged delta file (`demo` -> engine/configs/demo.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = CONFIGS / f"{name_or_path}.yaml"
+    if path.suffix == "" and path.name == str(name_or_path) and packaged.is_file():
+        return packaged
+    names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path} (packaged configs, by name: {names})")
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Build a Config from defaults, then the YAML file at `path` (None: the demo config), then overrides."""
-    path = Path(path) if path is not None else DEMO_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    """The defaults (SEER's recipe), then the YAML delta at `path` (a file or a packaged name; None: none), then
+    `section.key=value` overrides."""
+    raw = {}
+    if path is not None:
+        path = config_path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -242,15 +258,6 @@ def _check(cfg: Config) -> None:
         raise ConfigError(str(err)) from None
     need(data.output_dtype == "float32" or train.precision != "fp32",
          f"data.output_dtype={data.output_dtype} needs train.precision=bf16 or fp16 (fp32 layers cannot take it)")
-    need(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}")
-    need(len(data.mean) == data.channels and len(data.std) == data.channels,
-         f"data.mean and data.std need one value per channel (data.channels={data.channels})")
-    need(all(s > 0 for s in data.std), "data.std values must be > 0")
-    need(len(data.crops) > 0 and cfg.n_crops >= 2, "data.crops must define at least 2 crops in total")
-    for i, group in enumerate(data.crops):
-        low, high = group.scale
-        need(group.size > 0 and group.count > 0, f"data.crops[{i}] needs size > 0 and count > 0")
-        need(0 < low <= high <= 1, f"data.crops[{i}].scale must satisfy 0 < low <= high <= 1, got {group.scale}")
     need(len(swav.crops_for_assign) > 0 and len(set(swav.crops_for_assign)) == len(swav.crops_for_assign),
          f"swav.crops_for_assign must be distinct crop indices, got {swav.crops_for_assign}")
     need(all(0 <= c < cfg.n_crops for c in swav.crops_for_assign),

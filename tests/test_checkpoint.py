@@ -144,7 +144,7 @@ def continue_on_fixed_batch(trainer: Pretrainer) -> dict:
     """Two more steps on the fixed batch: their losses and the state after them."""
     losses = []
     for _ in range(2):
-        loss = trainer.train_step(fixed_batch(trainer.dist.rank, trainer.dist.world_size))
+        loss = trainer.train_step(trainer.step, {"crops": fixed_batch(trainer.dist.rank, trainer.dist.world_size)})["loss"]
         losses.append(all_reduce_mean(loss.detach()).item())  # each rank's loss is over its own share
         trainer.step += 1
     return {"losses": losses, **snapshot(trainer)}
@@ -156,7 +156,7 @@ def two_rank_reference(out_dir: str, config_files: list[str]) -> None:
         trainer = Pretrainer(load_config(config_file, ()))
         batches = iter(trainer.loader)
         for _ in range(WARM_STEPS):
-            trainer.train_step(next(batches)["crops"])
+            trainer.train_step(trainer.step, next(batches))
             trainer.step += 1
         trainer.save_checkpoint()
         record = {"at_save": snapshot(trainer), "continued": continue_on_fixed_batch(trainer)}

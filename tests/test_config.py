@@ -1,17 +1,54 @@
+import dataclasses
+
 import pytest
+import yaml
 
-from engine.config import DEMO_CONFIG, Config, ConfigError, load_config
+from engine.config import CONFIGS, Config, ConfigError, load_config
 
 
-def test_demo_config_loads_and_lists_every_key():
+def test_defaults_are_seers_recipe():
     cfg = load_config()
-    assert cfg.model.backbone == "regnety_tiny" and cfg.n_crops == 6
-    assert cfg.data.crops[1].scale == (0.1, 0.4) and isinstance(cfg.data.crops[1].scale, tuple)
-    import yaml
+    assert cfg == Config()
+    assert (cfg.model.backbone, cfg.model.head_hidden_dims, cfg.model.embedding_dim, cfg.model.num_prototypes) == (
+        "regnety_256gf", [8192, 8192], 256, 16000)
+    assert [(g.size, g.count, g.scale) for g in cfg.data.crops] == [(224, 2, (0.14, 1.0)), (96, 4, (0.05, 0.14))]
+    assert (cfg.swav.temperature, cfg.swav.epsilon, cfg.swav.sinkhorn_iterations) == (0.1, 0.05, 10)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps) == ("lars", 0.3, 1e-5, 8000)
+    assert (cfg.train.batch_size, cfg.train.precision, cfg.train.zero_stage) == (16, "bf16", 2)
+    assert (cfg.model.sync_bn_group_size, cfg.model.activation_checkpointing) == (64, "block")
 
-    listed = yaml.safe_load(DEMO_CONFIG.read_text())
-    for section, values in Config().to_dict().items():
-        assert set(listed[section]) == set(values), f"demo.yaml section {section} does not list every key"
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_packaged_configs_are_true_deltas(path):
+    """Every key a packaged file sets differs from the default: the file says what the experiment changes."""
+    delta = yaml.safe_load(path.read_text())
+    loaded = load_config(path.stem)  # found by name, as `--config demo`
+    assert loaded == load_config(path)
+    defaults = Config().to_dict()
+    for key, _ in _leaves(delta):
+        section, *rest = key.split(".")
+        default, value = defaults[section], loaded.to_dict()[section]
+        for name in rest:
+            default, value = default[name], value[name]
+        assert value != default, f"{path.name}: {key} restates the default {default!r}"
+
+
+def test_demo_config():
+    cfg = load_config("demo")
+    assert cfg.model.backbone == "regnety_tiny" and cfg.n_crops == 6 and cfg.data.channels == 1
+    assert cfg.data.crops[1].scale == (0.1, 0.4) and isinstance(cfg.data.crops[1].scale, tuple)
+    assert cfg.data.augment.brightness == 0.8 and cfg.data.augment.saturation == 0.0  # a section merges key by key
+    seer = load_config("seer_regnety_256gf")
+    assert dataclasses.replace(seer, data=Config().data, train=Config().train) == Config()
+    assert seer.data.output_dtype == "bfloat16"
 
 
 def test_overrides_win_and_are_typed():
@@ -33,10 +70,13 @@ def test_overrides_win_and_are_typed():
         (["data.crops=[{size: 8, count: 2, scale: [0.5]}]"], "'data.crops[0].scale' expects 2 values"),
         (["train.zero_stage=4"], "train.zero_stage must be 0, 1, 2 or 3"),
         (["swav.crops_for_assign=[0, 6]"], "swav.crops_for_assign [0, 6] must index the 6 crops"),
-        (["data.channels=3"], "data.mean and data.std need one value per channel"),
+        (["data.channels=1"], "data.mean and data.std need one value per channel"),
+        (["data.channels=2"], "data.channels must be 1 or 3"),
+        (["data.std=[0.2, 0, 0.2]"], "data.std values must be > 0"),
+        (["data.crops=[{size: 8, count: 1, scale: [0.5, 1]}]"], "data.crops must define at least 2 crops"),
         (["train.precision=fp8"], "train.precision must be fp32, bf16 or fp16"),
         (["train.precision=fp16", "train.zero_stage=2"], "train.precision=fp16 needs train.zero_stage=0"),
-        (["data.output_dtype=bfloat16"], "data.output_dtype=bfloat16 needs train.precision=bf16 or fp16"),
+        (["train.precision=fp32", "data.output_dtype=bfloat16"], "data.output_dtype=bfloat16 needs train.precision=bf16 or fp16"),
         (["data.augment.blur_p=2"], "data.augment.blur_p is a probability"),
         (["data.augment.hue=0.7"], "data.augment.hue is a fraction of the colour circle"),
         (["data.augment.contrast=-1"], "data.augment.contrast is a strength"),
@@ -52,6 +92,8 @@ def test_bad_values_give_one_clear_error(overrides, message):
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="config file not found: nope .packaged configs, by name: demo, seer_"):
+        load_config("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -75,11 +117,3 @@ def test_exponent_without_a_dot_is_a_float():
     assert load_config(None, ["optim.weight_decay=1e-3"]).optim.weight_decay == 0.001  # YAML 1.1 says: a string
     with pytest.raises(ConfigError, match="optim.weight_decay"):
         load_config(None, ["optim.weight_decay=small"])
-
-
-def test_shipped_configs_load():
-    for path in DEMO_CONFIG.parent.glob("*.yaml"):
-        cfg = load_config(path)
-        assert cfg.n_crops >= 2, path
-    seer = load_config(DEMO_CONFIG.parent / "seer_regnety_256gf.yaml")
-    assert seer.model.backbone == "regnety_256gf" and seer.model.num_prototypes == 16000 and seer.n_crops == 6

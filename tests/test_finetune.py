@@ -56,7 +56,7 @@ def unlabelled(tmp_path_factory):
 
 
 def finetune_config(shards, output_dir, *extra):
-    return load_config(None, [*TINY, f"finetune.train_shards={shards['train']}",
+    return load_config("demo", [*TINY, f"finetune.train_shards={shards['train']}",
                               f"finetune.test_shards={shards['test']}", f"finetune.output_dir={output_dir}", *extra])
 
 

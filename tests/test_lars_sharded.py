@@ -29,7 +29,7 @@ from tiny_run import final_weights, tiny_config
 
 WORLD, STEPS, BATCH = 2, 5, 8
 # Strong LARS (eta 0.02, not SEER's 0.001) and visible weight decay, so that wrong norms move the weights far.
-OPTIM = load_config(None, ["optim.trust_coefficient=0.02", "optim.weight_decay=0.001"]).optim
+OPTIM = load_config("demo", ["optim.trust_coefficient=0.02", "optim.weight_decay=0.001"]).optim
 LR, FROZEN_STEPS = 0.5, 2  # prototypes frozen (lr 0) for the first steps, as in SwAV
 CASES = {  # name: ZeRO stage, extra zero_optimization settings
     "zero0": (0, {}),

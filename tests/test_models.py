@@ -39,7 +39,7 @@ def test_random_init_features_are_not_degenerate():
 
 
 def test_swav_model_multicrop_forward_backward():
-    cfg = load_config(None, ["model.backbone=regnety_micro", "model.head_hidden_dims=[32]", "model.embedding_dim=16",
+    cfg = load_config("demo", ["model.backbone=regnety_micro", "model.head_hidden_dims=[32]", "model.embedding_dim=16",
                              "model.num_prototypes=20", "data.crops=[{size: 16, count: 2, scale: [0.4, 1]}, "
                              "{size: 8, count: 3, scale: [0.1, 0.4]}]"])
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from engine.distributed import free_port
 from engine.evaluation.evaluate import evaluate, knn_top1, split_features
 from engine.models.weights import load_backbone_weights
 from engine.models.backbone import build_backbone
-from engine.models.swav import SwAVHead
+from engine.models.swav import SwAVHead, SwAVLoss
 from engine.training.monitor import CollapseMonitor, OnlineKnn, prototype_usage
 from engine.training.pretrain import pretrain
 
@@ -38,9 +38,8 @@ def test_prototype_usage_matches_an_fp64_reference():
 
 def test_head_counts_the_nearest_prototype_of_each_assigned_crop():
     torch.manual_seed(0)
-    options = dict(crops_for_assign=(0, 2), temperature=0.1, epsilon=0.05, sinkhorn_iterations=3, group=None,
-                   backend="torch")
-    head = SwAVHead(8, [16], 6, K, batch_norm=False, swav_options=options)
+    loss = SwAVLoss(crops_for_assign=(0, 2), temperature=0.1, epsilon=0.05, sinkhorn_iterations=3, backend="torch")
+    head = SwAVHead(8, [16], 6, K, batch_norm=False, loss=loss)
     batches = [torch.randn(4 * 10, 8) for _ in range(2)]  # 4 crops x 10 images, crop-major
     expected = torch.zeros(K, dtype=torch.long)
     for features in batches:

@@ -100,7 +100,7 @@ def test_parameter_groups_exclude_biases_and_norms():
 
 
 def test_sgd_option_has_no_trust_ratio():
-    cfg = load_config(None, ["optim.name=sgd"])
+    cfg = load_config("demo", ["optim.name=sgd"])
     opt = build_optimizer(nn.Linear(3, 3), cfg.optim)
     assert all(not g["lars"] for g in opt.param_groups)
 
@@ -110,7 +110,7 @@ def test_schedule_warmup_cosine_and_prototype_freeze():
     assert len(values) == 110 and values[0] == pytest.approx(0.2) and values[9] == pytest.approx(2.0)
     assert values[10] == pytest.approx(2.0) and values[-1] == pytest.approx(0.002)
     assert all(x >= y for x, y in zip(values[10:], values[11:]))
-    cfg = load_config(None, ["train.steps=200", "swav.freeze_prototypes_steps=50", "optim.lr=0.3"])
+    cfg = load_config("demo", ["train.steps=200", "swav.freeze_prototypes_steps=50", "optim.lr=0.3"])
     lr = schedules(cfg, global_batch=512)
     assert max(lr[WEIGHTS]) == pytest.approx(0.6)  # lr is per 256 images
     assert lr[PROTOTYPES][:50] == [0.0] * 50 and lr[PROTOTYPES][50:] == lr[WEIGHTS][50:]

@@ -88,7 +88,7 @@ def classifier_on_shards(head_file, shards) -> dict[bytes, torch.Tensor]:
 
 def test_saved_head_is_the_linear_probe_of_seer_eval(setup, head):
     head_file, result = head
-    cfg = load_config(None, setup["overrides"])
+    cfg = load_config("demo", setup["overrides"])
     reference = evaluate(load_backbone_weights(setup["weights"]), cfg, ("linear",))["linear_top1"]
     assert result["linear_top1"] == reference and result["head"] == str(head_file)
     classifier, meta = load_classifier(head_file)

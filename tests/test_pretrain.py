@@ -115,13 +115,14 @@ def test_zero_stages_keep_prototypes_unit_norm_and_match_stage_0(shards, tmp_pat
     common = ("optim.name=sgd", "train.steps=4", "model.channels_last=false")
     pretrain(tiny_config(shards, tmp_path / "stage0", *common))
     trainer = Pretrainer(tiny_config(shards, tmp_path / f"stage{stage}", *common, f"train.zero_stage={stage}"))
-    norms, normalize = [], trainer.normalize_prototypes
+    head = trainer.model.head
+    norms, normalize = [], head.normalize_prototypes
 
-    def normalize_and_record():  # after every step: ZeRO's fp32 copy, gathered
-        normalize()
-        norms.append(safe_get_full_fp32_param(trainer.model.head.prototypes).norm(dim=1))
+    def normalize_and_record(zero_stage):  # after every step: ZeRO's fp32 copy, gathered
+        normalize(zero_stage)
+        norms.append(safe_get_full_fp32_param(head.prototypes).norm(dim=1))
 
-    trainer.normalize_prototypes = normalize_and_record
+    head.normalize_prototypes = normalize_and_record
     try:
         trainer.train()
     finally:

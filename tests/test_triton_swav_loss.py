@@ -180,15 +180,16 @@ def test_torch_compile_of_caller():
 
 def test_engine_head_runs_triton():
     """The engine's SwAV head with backend="triton" (what "auto" picks on CUDA) trains like the reference."""
-    from engine.models.swav import SwAVHead
+    from engine.models.swav import SwAVHead, SwAVLoss
 
-    options = dict(crops_for_assign=(0, 1), temperature=0.1, epsilon=0.03, sinkhorn_iterations=3, group=None)
     torch.manual_seed(0)
     features = torch.randn(N_CROPS * B, 16)
     grads = {}
     for backend in ("triton", "torch"):
         torch.manual_seed(1)
-        module = SwAVHead(16, [32], D, K, batch_norm=False, swav_options=dict(options, backend=backend))
+        loss_fn = SwAVLoss(crops_for_assign=(0, 1), temperature=0.1, epsilon=0.03, sinkhorn_iterations=3,
+                           backend=backend)
+        module = SwAVHead(16, [32], D, K, batch_norm=False, loss=loss_fn)
         loss = module(features, n_crops=N_CROPS)
         loss.backward()
         grads[backend] = [loss.detach()] + [p.grad for p in module.parameters()]

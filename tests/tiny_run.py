@@ -53,7 +53,7 @@ def pack_class_folders(root: Path) -> dict[str, str]:
 
 
 def tiny_config(shards, output_dir, *extra):
-    return load_config(None, [*TINY, f"data.train_shards={shards['train']}", f"eval.train_shards={shards['train']}",
+    return load_config("demo", [*TINY, f"data.train_shards={shards['train']}", f"eval.train_shards={shards['train']}",
                               f"eval.test_shards={shards['test']}", f"train.output_dir={output_dir}", *extra])
 
 

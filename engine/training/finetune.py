@@ -8,28 +8,25 @@ pretrained file or from random weights, for a comparison at the same budget.
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import sys
-import time
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
 from dataloading.pipeline import build_eval_loader, matching_class_names
 from dataloading.supervised import build_supervised_loader
+from engine.config import Config, ConfigError, load_config
+from engine.distributed import launched_arguments, run_rank_and_exit
 from engine.evaluation.classifier import Classifier, save_classifier
-from engine.config import Config, ConfigError, OptimConfig, load_config
-from engine.distributed import DistInfo, all_reduce_mean, init_distributed, launched_arguments, run_rank_and_exit
-from engine.models.weights import backbone_from_weights, read_weights
-from engine.training.metrics import MetricsWriter
 from engine.models.backbone import build_backbone
+from engine.models.weights import backbone_from_weights, read_weights
+from engine.training import loop
 from engine.training.optim import build_optimizer, lr_schedule
-from engine.training.pretrain import autocast, deepspeed_config, git_commit, nchw_reason
+from engine.training.runtime import Runtime
 
 CLASSIFIER_FILE = "classifier.pt"
 
@@ -46,6 +43,8 @@ def _classes(ft) -> list[str]:
 
 
 class Finetuner:
+    """Backbone + linear classifier trained end to end with cross-entropy: a task of engine.training.loop."""
+
     def __init__(self, cfg: Config, weights: str):
         self.cfg, self.weights, ft = cfg, weights, cfg.finetune
         self.classes = _classes(ft)
@@ -53,25 +52,17 @@ class Finetuner:
         if (self.output_dir / "metrics.jsonl").exists():
             raise FileExistsError(f"{self.output_dir} already holds a fine-tuning run: set finetune.output_dir "
                                   "to a new folder")
-        self.dist: DistInfo = init_distributed()
+        self.runtime = Runtime(ft, channels_last=cfg.model.channels_last)
+        self.dist = self.runtime.dist
         torch.manual_seed(ft.seed)
         backbone, self.backbone_name = self._backbone(weights)
         torch.manual_seed(ft.seed)  # the head starts the same whichever way the backbone was obtained
-        model = Classifier(backbone, len(self.classes)).to(self.dist.device).train()
-        optimizer = build_optimizer(model, OptimConfig(name="sgd", momentum=ft.momentum, weight_decay=ft.weight_decay))
-        self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer,
-            config=deepspeed_config(batch_size=ft.batch_size, world_size=self.dist.world_size,
-                                    zero_stage=ft.zero_stage, gradient_clipping=0.0, precision=ft.precision),
-        )
+        model = Classifier(backbone, len(self.classes)).train()
+        # Momentum SGD over the pretraining optimizer's parameter groups (no weight decay on biases and norms).
+        optim = dataclasses.replace(cfg.optim, name="sgd", momentum=ft.momentum, weight_decay=ft.weight_decay)
+        self.engine = self.runtime.initialize(model, build_optimizer(model, optim))
         self.model = self.engine.module
-        # As in pretraining: NHWC only where it can be applied, converted after initialize.
-        channels_last = cfg.model.channels_last and nchw_reason(ft.zero_stage, ft.precision, self.dist.device) is None
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            self.model.to(memory_format=self.memory_format)
-        global_batch = ft.batch_size * self.dist.world_size
-        self.lr = lr_schedule(ft.steps, ft.lr * global_batch / 256, ft.warmup_steps, final_fraction=0.0)
+        self.lr = lr_schedule(ft.steps, ft.lr * self.runtime.images_per_step / 256, ft.warmup_steps, final_fraction=0.0)
         cuda = self.dist.device.type == "cuda"
         self.loader = build_supervised_loader(
             ft.train_shards, size=ft.image_size, scale=ft.crop_scale, channels=cfg.data.channels, mean=cfg.data.mean,
@@ -79,13 +70,8 @@ class Finetuner:
             shard_id=self.dist.rank, num_shards=self.dist.world_size, device=self.dist.device.type,
             device_id=self.dist.local_rank if cuda else None,
         )
-        self.step = 0
         self.classifier: Classifier | None = None  # the trained model as a plain module, after train()
-        if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(
-                yaml.safe_dump({**cfg.to_dict(), "weights": weights, "git_commit": git_commit()}))
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.dist.is_main)
+        self.metrics = self.runtime.start_run_folder(cfg.to_dict(), weights=weights)
 
     def _backbone(self, weights: str) -> tuple[torch.nn.Module, str]:
         """The backbone to start from and its name: random weights of model.backbone, or a weights file
@@ -101,65 +87,42 @@ class Finetuner:
 
     def train(self) -> dict:
         ft = self.cfg.finetune
-        bar = tqdm(total=ft.steps, desc="finetune", disable=not (self.dist.is_main and ft.progress),
-                   dynamic_ncols=True)
-        zero = torch.zeros((), device=self.dist.device)
-        window_loss, window_correct, window_steps = zero.clone(), zero.clone(), 0
-        window_start, data_time, record = time.perf_counter(), 0.0, {}
-        while self.step < ft.steps:
-            fetch_start = time.perf_counter()
-            batch = next(self.loader)
-            data_time += time.perf_counter() - fetch_start
-            loss, correct = self.train_step(batch["image"], batch["label"])
-            self.step += 1
-            window_loss += loss
-            window_correct += correct
-            window_steps += 1
-            bar.update(1)
-            if self.step % ft.log_every == 0 or self.step == ft.steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "loss": all_reduce_mean(window_loss / window_steps).item(),
-                    "train_top1": all_reduce_mean(window_correct / (window_steps * ft.batch_size)).item(),
-                    "lr": self.lr[self.step - 1],
-                    "img_per_s": window_steps * ft.batch_size * self.dist.world_size / elapsed,
-                    "data_time_share": data_time / elapsed,
-                    "epoch": self.loader.epoch,
-                }
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; see {self.metrics.path}")
-                self.metrics.write(self.step, **record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['train_top1']:.3f}")
-                window_loss, window_correct, window_steps = zero.clone(), zero.clone(), 0
-                window_start, data_time = time.perf_counter(), 0.0
-        bar.close()
+        record = loop.train(self, self.loader, dist=self.dist, start=0, steps=ft.steps, log_every=ft.log_every,
+                            images_per_step=self.runtime.images_per_step, metrics=self.metrics,
+                            progress=ft.progress, desc="finetune")
         self.classifier = self.full_classifier()
         top1 = self.top1_on_test(self.classifier)
-        self.metrics.write(self.step, test_top1=top1)
+        self.metrics.write(ft.steps, test_top1=top1)
         path = self.output_dir / CLASSIFIER_FILE
         if self.dist.is_main:
             data = self.cfg.data
             save_classifier(path, self.classifier, backbone_name=self.backbone_name, in_chans=data.channels,
                             image_size=ft.image_size, mean=data.mean, std=data.std, class_names=self.classes,
                             source="finetune")
-        return {"top1": top1, "weights": self.weights, "steps": self.step, "train_loss": record["loss"],
+        return {"top1": top1, "weights": self.weights, "steps": ft.steps, "train_loss": record["loss"],
                 "train_top1": record["train_top1"], "classifier": str(path), "output_dir": str(self.output_dir)}
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns the loss and the number of correctly classified images (detached)."""
+    def train_step(self, step: int, batch: dict) -> dict[str, torch.Tensor]:
+        """One optimizer step: the loss and the fraction of the batch classified correctly."""
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = self.lr[self.step]
-        with autocast(self.cfg.finetune.precision, self.dist.device):
-            logits = self.engine(images.contiguous(memory_format=self.memory_format))
+            group["lr"] = self.lr[step]
+        images, labels = batch["image"], batch["label"]
+        with self.runtime.autocast():
+            logits = self.engine(images.contiguous(memory_format=self.runtime.memory_format))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.finetune.label_smoothing)
         self.engine.backward(loss)
         self.engine.step()
-        return loss.detach(), (logits.detach().argmax(1) == labels).sum()
+        return {"loss": loss, "train_top1": (logits.detach().argmax(1) == labels).float().mean()}
+
+    def record(self, step: int, means: dict[str, float]) -> dict[str, float]:
+        return {"lr": self.lr[step - 1], "epoch": self.loader.epoch}
+
+    def after_step(self, step: int) -> None:
+        pass
 
     def full_classifier(self) -> Classifier:
         """A plain fp32 copy of the trained model on every rank (ZeRO-3 gathers its partitions), in eval mode."""
-        params = list(self.model.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.finetune.zero_stage == 3):
+        with self.runtime.gathered(self.model.parameters()):
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         classifier = Classifier(build_backbone(self.backbone_name, in_chans=self.cfg.data.channels), len(self.classes))
         classifier.load_state_dict(state)
@@ -207,7 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True,
                         help="backbone file from pretraining (backbone_final.pt), or 'random' for model.backbone "
                              "at random init")
-    parser.add_argument("--config", help="YAML config (default: the demo's embedded config)")
+    parser.add_argument("--config", default="demo",
+                        help="YAML file of the keys that differ from the defaults, or a packaged config's name "
+                             "(default: demo)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 

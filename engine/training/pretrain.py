@@ -1,4 +1,4 @@
-"""SwAV pretraining loop.
+"""SwAV pretraining: the SwAV model's step on a DeepSpeed engine, and the resumable run around it.
 
     seer pretrain [--config FILE] [--resume] [section.key=value ...]
     deepspeed --num_gpus N --module engine.training.pretrain [--config FILE] [--resume] [section.key=value ...]
@@ -6,115 +6,76 @@
 from __future__ import annotations
 
 import argparse
-import math
-import subprocess
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-import yaml
-from deepspeed.utils import safe_set_full_fp32_param
-from tqdm import tqdm
 
 from dataloading.pipeline import build_train_loader
+from engine.config import Config, load_config
+from engine.distributed import launched_arguments, run_rank_and_exit
 from engine.models.batchnorm import batch_norm_group
-from engine.training.checkpoint import Checkpointer
-from engine.config import Config, ConfigError, load_config
-from engine.distributed import DistInfo, all_reduce_mean, init_distributed, launched_arguments, run_rank_and_exit
-from engine.training.metrics import MetricsWriter
 from engine.models.swav import build_swav_model
+from engine.training import loop
+from engine.training.checkpoint import Checkpointer
 from engine.training.monitor import TrainingMonitor
 from engine.training.optim import build_optimizer, schedules
+from engine.training.runtime import Runtime
 
 
-def deepspeed_config(*, batch_size: int, world_size: int, zero_stage: int, gradient_clipping: float,
-                     precision: str) -> dict:
-    """The DeepSpeed JSON, generated from the resolved config (no second config file to keep in step).
+class SwAVTraining:
+    """The SwAV model on a DeepSpeed engine and its optimizer step: what pretraining runs and `seer bench train`
+    times. A task of engine.training.loop; batches are dicts with "crops" (crop-major list of image tensors)."""
 
-    batch_size is per rank; shared by pretraining and fine-tuning. fp16 is DeepSpeed's torch_autocast, for its
-    dynamic loss scaling (GPU, ZeRO 0). bf16 is not: through DeepSpeed 0.19.8's torch_autocast a tiny bf16 run on CPU
-    turned NaN at its second step in 4 of 15 runs (0 of 15 with torch.autocast around the forward pass, which
-    `autocast` below gives; gradients then stay fp32 end to end).
-    """
-    return {
-        "torch_autocast": {"enabled": True, "dtype": "float16"} if precision == "fp16" else {"enabled": False},
-        "train_micro_batch_size_per_gpu": batch_size,
-        "train_batch_size": batch_size * world_size,
-        "gradient_accumulation_steps": 1,
-        # Explicit: DeepSpeed clips the gradient norm at 1.0 unless told otherwise, which silently shrinks the
-        # plain-SGD steps of biases and norm parameters (LARS' trust ratio hides it for the weights).
-        "gradient_clipping": gradient_clipping,
-        "zero_optimization": {"stage": zero_stage},
-        "zero_allow_untested_optimizer": True,  # our LARS/SGD is a client optimizer
-        "steps_per_print": 10**9,  # we log ourselves
-        "wall_clock_breakdown": False,
-    }
-
-
-def nchw_reason(zero_stage: int, precision: str, device: torch.device) -> str | None:
-    """Why model.channels_last cannot be applied here, or None when it can."""
-    if zero_stage > 0:
-        return "under train.zero_stage >= 1 ZeRO keeps weights as NCHW views of its flat buffers"
-    if precision == "bf16" and device.type == "cpu":
-        # Seen with torch 2.14.1: some weights of grouped 3x3 convolutions turned NaN after one step in 4 of 15 tiny
-        # runs (0 of 12 in NCHW); helper runs also crashed in channels_last convolution backward on CPU.
-        return "bf16 on CPU: oneDNN's channels_last grouped-convolution backward returned NaN (torch 2.14.1)"
-    return None
-
-
-def autocast(precision: str, device: torch.device):
-    """The forward pass's mixed precision: bf16 autocast over fp32 weights (SEER's AMP); fp16 is DeepSpeed's."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-class Pretrainer:
-    def __init__(self, cfg: Config, resume: bool | None = None):
-        """resume: True = train.resume=must (the --resume flag), False = never, None = as train.resume says."""
-        self.cfg = cfg
-        self.dist: DistInfo = init_distributed()
-        if cfg.train.precision == "fp16" and self.dist.device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a CUDA GPU (its loss scaling is GPU-only here); "
-                              "use bf16 or fp32 on CPU")
-        self.output_dir = Path(cfg.train.output_dir)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", self.dist.rank, self.dist.world_size,
-                                         keep=cfg.train.keep_checkpoints)
-        resume_tag = self.checkpointer.resume_tag({True: "must", False: "never", None: cfg.train.resume}[resume])
-        ds_config = deepspeed_config(batch_size=cfg.train.batch_size, world_size=self.dist.world_size,
-                                     zero_stage=cfg.train.zero_stage, gradient_clipping=cfg.optim.gradient_clipping,
-                                     precision=cfg.train.precision)
-        bn_group = batch_norm_group(cfg.model.sync_bn_group_size)
+    def __init__(self, cfg: Config, runtime: Runtime):
+        self.cfg, self.runtime, self.dist = cfg, runtime, runtime.dist
         torch.manual_seed(cfg.train.seed)
-        # ZeRO-3: every rank allocates only its partition of each parameter while the model is built.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.train.zero_stage == 3):
-            model = build_swav_model(cfg, group=self.dist.group, bn_group=bn_group)
-        model = model.to(self.dist.device)
+        with runtime.building():
+            model = build_swav_model(cfg, group=self.dist.group, bn_group=batch_norm_group(cfg.model.sync_bn_group_size))
         optimizer = build_optimizer(model, cfg.optim)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine = runtime.initialize(model, optimizer)
         optimizer.attach_zero_layout(self.engine)  # LARS norms of whole parameters, not of ZeRO's partitions
         self.model = self.engine.module
-        # After initialize: DeepSpeed's start-up broadcast needs dense parameters.
-        nchw_because = nchw_reason(cfg.train.zero_stage, cfg.train.precision, self.dist.device)
-        if nchw_because is None:
-            self.model.to(memory_format=self.model.memory_format)
-        else:
-            if self.model.memory_format == torch.channels_last and self.dist.is_main:
-                print(f"note: model.channels_last is not applied: {nchw_because}; training runs NCHW", file=sys.stderr)
-            self.model.memory_format = torch.contiguous_format  # NHWC inputs against NCHW weights are slow
-        self.lr = schedules(cfg, cfg.train.batch_size * self.dist.world_size)
+        self.model.memory_format = runtime.memory_format
+        self.lr = schedules(cfg, runtime.images_per_step)
+
+    def train_step(self, step: int, batch: dict) -> dict[str, torch.Tensor]:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = self.lr[group["name"]][step]
+        with self.runtime.autocast():
+            loss = self.engine(batch["crops"])
+        self.engine.backward(loss)
+        self.engine.step()
+        self.model.head.normalize_prototypes(self.cfg.train.zero_stage)
+        return {"loss": loss}
+
+    def record(self, step: int, means: dict[str, float]) -> dict[str, float]:
+        return {"lr": self.lr["weights"][step - 1], "images_seen": step * self.runtime.images_per_step}
+
+    def after_step(self, step: int) -> None:
+        pass
+
+
+class Pretrainer(SwAVTraining):
+    """SwAV pretraining on the DALI multi-crop loader: resumable checkpoints, metrics, monitors, backbone files."""
+
+    def __init__(self, cfg: Config, resume: bool | None = None):
+        """resume: True = train.resume=must (the --resume flag), False = never, None = as train.resume says."""
+        runtime = Runtime(cfg.train, channels_last=cfg.model.channels_last,
+                          gradient_clipping=cfg.optim.gradient_clipping)
+        self.checkpointer = Checkpointer(runtime.output_dir / "checkpoints", runtime.dist.rank,
+                                         runtime.dist.world_size, keep=cfg.train.keep_checkpoints)
+        resume_tag = self.checkpointer.resume_tag({True: "must", False: "never", None: cfg.train.resume}[resume])
+        super().__init__(cfg, runtime)
+        self.output_dir = runtime.output_dir
         self.loader = build_train_loader(
             cfg.data, batch_size=cfg.train.batch_size, shard_id=self.dist.rank, num_shards=self.dist.world_size,
             device=self.dist.device.type, device_id=self.dist.local_rank if self.dist.device.type == "cuda" else None,
-            channels_last=self.model.memory_format == torch.channels_last,
+            channels_last=runtime.memory_format == torch.channels_last,
         )
         self.step = 0
-        if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "git_commit": git_commit()}))
+        self.metrics = runtime.start_run_folder(cfg.to_dict())
         state = self.checkpointer.load(self.engine, resume_tag, cfg.to_dict()) if resume_tag else None
         if state is not None:
             self.step = state["step"]
@@ -125,78 +86,31 @@ class Pretrainer:
                 torch.set_rng_state(state["rng"])
         else:
             self.save_backbone(self.output_dir / "backbone_init.pt")
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.dist.is_main)
         self.monitor = TrainingMonitor(cfg, self.dist, self.model, start_step=self.step)
 
     def train(self) -> dict:
-        cfg, steps = self.cfg.train, self.cfg.train.steps
-        batches = iter(self.loader)
-        bar = tqdm(total=steps, initial=self.step, desc="pretrain", disable=not (self.dist.is_main and cfg.progress),
-                   dynamic_ncols=True)
-        zero = torch.zeros((), device=self.dist.device)
-        window_loss, window_start, data_time, window_steps = zero.clone(), time.perf_counter(), 0.0, 0
-        while self.step < steps:
-            fetch_start = time.perf_counter()
-            batch = next(batches)
-            data_time += time.perf_counter() - fetch_start
-            loss = self.train_step(batch["crops"])
-            self.step += 1
-            window_loss += loss.detach().float()
-            window_steps += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "loss": all_reduce_mean(window_loss / window_steps).item(),
-                    "lr": self.lr["weights"][self.step - 1],
-                    "img_per_s": window_steps * cfg.batch_size * self.dist.world_size / elapsed,
-                    "images_seen": self.step * cfg.batch_size * self.dist.world_size,
-                    "data_time_share": data_time / elapsed,
-                    "epoch": self.loader.epoch,
-                    "bad_samples": self.loader.bad_samples,  # replaced by the loader's guard so far (this rank)
-                }
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; see {self.metrics.path}")
-                record.update(self.monitor.record(self.step, record["loss"]))  # kNN time stays out of img/s
-                self.metrics.write(self.step, **record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
-                window_loss, window_start, data_time, window_steps = zero.clone(), time.perf_counter(), 0.0, 0
-            if self.step % cfg.checkpoint_every == 0 or self.step == steps:
-                self.save_checkpoint()
-        bar.close()
+        train = self.cfg.train
+        loop.train(self, iter(self.loader), dist=self.dist, start=self.step, steps=train.steps,
+                   log_every=train.log_every, images_per_step=self.runtime.images_per_step, metrics=self.metrics,
+                   progress=train.progress, desc="pretrain")
         self.save_backbone(self.output_dir / "backbone_final.pt")
         return {"steps": self.step, "output_dir": str(self.output_dir), "rank_divergence": self.rank_divergence(),
                 "parameters_on_rank": self.parameters_on_rank()}
 
-    def train_step(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = self.lr[group["name"]][self.step]
-        with autocast(self.cfg.train.precision, self.dist.device):
-            loss = self.engine(crops)
-        self.engine.backward(loss)
-        self.engine.step()
-        self.normalize_prototypes()
-        return loss
+    def record(self, step: int, means: dict[str, float]) -> dict[str, float]:
+        record = {**super().record(step, means), "epoch": self.loader.epoch,
+                  "bad_samples": self.loader.bad_samples}  # replaced by the loader's guard so far (this rank)
+        record.update(self.monitor.record(step, means["loss"]))  # after img/s: kNN time stays out of it
+        return record
 
-    @torch.no_grad()
-    def normalize_prototypes(self) -> None:
-        """Unit-norm prototype rows after each step, in the module and in ZeRO's fp32 master copy alike.
-
-        Under ZeRO >= 1 the optimizer updates a separate fp32 copy and writes it back to the module, so an
-        in-place change of the module's tensor alone would be lost at the next step.
-        """
-        prototypes = self.model.head.prototypes
-        stage = self.cfg.train.zero_stage
-        with deepspeed.zero.GatheredParameters([prototypes], modifier_rank=0, enabled=stage == 3):
-            value = F.normalize(prototypes.detach().float(), dim=1)
-            prototypes.copy_(value)
-        if stage > 0:
-            safe_set_full_fp32_param(prototypes, value)
+    def after_step(self, step: int) -> None:
+        self.step = step
+        if step % self.cfg.train.checkpoint_every == 0 or step == self.cfg.train.steps:
+            self.save_checkpoint()
 
     def save_backbone(self, path: Path) -> None:
         """Backbone weights with timm's key names, plus what is needed to rebuild the network (rank 0 writes)."""
-        params = list(self.model.backbone.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.train.zero_stage == 3):
+        with self.runtime.gathered(self.model.backbone.parameters()):
             if self.dist.is_main:
                 state = {k: v.detach().cpu().clone() for k, v in self.model.backbone.state_dict().items()}
                 torch.save({"backbone": self.cfg.model.backbone, "in_chans": self.cfg.data.channels,
@@ -226,14 +140,6 @@ class Pretrainer:
         self.metrics.close()
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def pretrain(cfg: Config, resume: bool | None = None) -> dict:
     trainer = Pretrainer(cfg, resume=resume)
     try:
@@ -243,7 +149,9 @@ def pretrain(cfg: Config, resume: bool | None = None) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (default: the demo's embedded config)")
+    parser.add_argument("--config", default="demo",
+                        help="YAML file of the keys that differ from the defaults (SEER's recipe), or the name of a "
+                             "packaged one: demo (the default), seer_regnety_256gf")
     parser.add_argument("--resume", action="store_const", const=True, default=None,
                         help="same as train.resume=must: continue from the newest complete checkpoint in "
                              "train.output_dir, and fail if there is none (train.resume=auto, the default, "
