@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="top-1 of frozen features on eval.train_shards -> eval.test_shards: knn, linear, lowshot or all")
     evaluate.add_argument("protocol", choices=["knn", "linear", "lowshot", "all"])
     evaluate.add_argument("--weights", required=True, help="backbone file from pretraining (backbone_final.pt), or 'pixels'")
-    evaluate.add_argument("--config", help="YAML config for data and eval settings (default: the demo's)")
+    evaluate.add_argument("--config", default="demo",
+                          help="YAML config for data and eval settings, or a packaged config's name (default: demo)")
     evaluate.add_argument("--image-size", type=int, default=None, help="override eval.image_size")
     evaluate.add_argument("--save-head", metavar="OUT.pt",
                           help="linear only: save backbone + fitted probe as a classifier for `seer predict`")

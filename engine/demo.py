@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dataloading.pack import pack
-from engine.config import DEMO_CONFIG, load_config
+from engine.config import load_config
 from engine.evaluation.evaluate import evaluate
 from engine.models.weights import load_backbone_weights
 from engine.training.metrics import plot_loss, run_records
@@ -35,7 +35,7 @@ def ensure_packed(source: str, out_dir: str) -> float:
 
 
 def run_demo(overrides: list[str] = ()) -> dict:
-    cfg = load_config(DEMO_CONFIG, overrides)
+    cfg = load_config("demo", overrides)
     run_dir = Path(cfg.train.output_dir).parent
     mnist = dataclasses.replace(cfg, eval=dataclasses.replace(
         cfg.eval, train_shards=str(Path(cfg.eval.train_shards).parent / "mnist-train"),

@@ -213,7 +213,7 @@ def sinkhorn_config(rows: int, k: int) -> dict:
 
     About 64 column blocks per problem: SwAV's 2 assigned crops then fill ~one wave of 132 SMs, and merging the
     partials (rows × NKB reads per program) costs NKB / BLOCK_K ≈ k / BLOCK_K² of the tile reads (24% at
-    K = 16,000). Chosen by arithmetic, not measured yet.
+    K = 16,000). Chosen by arithmetic.
     """
     block_k = pow2(triton.cdiv(k, 64), 32, 256)
     block_b = pow2(rows, 16, max(16, MAX_TILE // block_k))
