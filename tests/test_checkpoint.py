@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from dataloading.sources import load_idx
-from engine.training.checkpoint import CheckpointWarning, Checkpointer, _writer, consolidate, read_manifest
+from engine.training.checkpoint import CheckpointWarning, Checkpointer, _writer, read_manifest
+from engine.training.zero_state import consolidate, consolidated_weights
 from engine.config import load_config
 from engine.distributed import all_reduce_mean, free_port
 from engine.training.pretrain import Pretrainer, pretrain
@@ -151,7 +153,8 @@ def continue_on_fixed_batch(trainer: Pretrainer) -> dict:
 
 
 def two_rank_reference(out_dir: str, config_files: list[str]) -> None:
-    """Launcher entry: per config, train WARM_STEPS steps on 2 ranks, checkpoint, continue on the fixed batch."""
+    """Launcher entry: per config, train WARM_STEPS steps on 2 ranks, checkpoint, continue on the fixed batch
+    (ZeRO-3: checkpoint only, its checkpoints are read back by name but not resumed at another world size)."""
     for config_file in config_files:
         trainer = Pretrainer(load_config(config_file, ()))
         batches = iter(trainer.loader)
@@ -159,6 +162,9 @@ def two_rank_reference(out_dir: str, config_files: list[str]) -> None:
             trainer.train_step(trainer.step, next(batches))
             trainer.step += 1
         trainer.save_checkpoint()
+        if trainer.cfg.train.zero_stage == 3:
+            trainer.close()
+            continue
         record = {"at_save": snapshot(trainer), "continued": continue_on_fixed_batch(trainer)}
         if trainer.dist.is_main:
             torch.save(record, Path(out_dir) / f"{Path(config_file).stem}.pt")
@@ -182,8 +188,9 @@ def test_each_file_is_reported_by_the_rank_that_writes_it():
 def test_two_ranks_resume_on_one_rank(shards, tmp_path):
     stages = (0, 2)
     config_files = []
-    for stage in stages:
-        cfg = tiny_config(shards, tmp_path / f"zero{stage}", *CHANGED_WORLD, f"train.zero_stage={stage}")
+    # ZeRO-3 too, with a 15-d embedding: the head's bias (15 values) is split unevenly over the 2 ranks.
+    for stage, extra in ((0, ()), (2, ()), (3, ("model.embedding_dim=15",))):
+        cfg = tiny_config(shards, tmp_path / f"zero{stage}", *CHANGED_WORLD, f"train.zero_stage={stage}", *extra)
         config_files.append(tmp_path / f"zero{stage}.yaml")
         config_files[-1].write_text(yaml.safe_dump(cfg.to_dict()))
     launcher = Path(sys.executable).parent / "deepspeed"
@@ -193,6 +200,16 @@ def test_two_ranks_resume_on_one_rank(shards, tmp_path):
         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    # ZeRO-3 (what `seer export` reads): the weights by name equal DeepSpeed's own reconstruction; no resharding.
+    tag_dir = tmp_path / "zero3" / "checkpoints" / f"step_{WARM_STEPS:08d}"
+    manifest = read_manifest(tag_dir)
+    assert manifest["zero_stage"] == 3 and manifest["world_size"] == 2
+    weights = consolidated_weights(tag_dir, manifest)
+    assert any(value.shape == (15,) for value in weights.values())  # the projection's last bias
+    assert_same(weights, get_fp32_state_dict_from_zero_checkpoint(tag_dir.parent, tag=tag_dir.name), 0, "zero3")
+    with pytest.raises(ValueError, match="ZeRO stage 3 by 2 rank.*only stages 0-2 can change world size"):
+        consolidate(tag_dir, manifest)
 
     for stage in stages:
         reference = torch.load(tmp_path / f"zero{stage}.pt", weights_only=False)
@@ -204,12 +221,12 @@ def test_two_ranks_resume_on_one_rank(shards, tmp_path):
         assert any(name.startswith("zero_pp_rank_1") for name in on_disk) == (stage > 0)
         # The checkpoint, by name, is exactly what the 2 ranks held; for ZeRO-2 the weights also match DeepSpeed's
         # own reconstruction from the partitions.
-        saved = consolidate(tag_dir)
+        saved = consolidate(tag_dir, read_manifest(tag_dir))
         assert_same({**saved["params"], **saved["buffers"]}, reference["at_save"]["state"], 0, f"zero{stage} saved")
         assert_same(saved["optimizer"]["momentum_buffer"], reference["at_save"]["momentum"], 0, f"zero{stage} momentum")
+        assert_same(consolidated_weights(tag_dir, read_manifest(tag_dir)), reference["at_save"]["state"], 0,
+                    f"zero{stage} weights")
         if stage == 2:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
             assert_same(saved["params"], {k: v for k, v in get_fp32_state_dict_from_zero_checkpoint(
                 tag_dir.parent, tag=tag_dir.name).items() if k in saved["params"]}, 0, "zero_to_fp32")
             # Read where used: values are views of the memory-mapped rank files (Linux: /proc/self/maps lists the

@@ -14,16 +14,11 @@ checkpoints untouched or a new complete one. (DeepSpeed 0.19.8 alone is not safe
 right after its own files, with no barrier, while other ranks may still be writing theirs.) A checkpoint counts as
 complete only if its manifest lists files that all exist with the listed sizes.
 
-Resuming at another world size or ZeRO stage: DeepSpeed refuses ZeRO-1/2 checkpoints of another data-parallel size,
-and its universal-checkpoint converter only knows Adam's state (`KeyError: 'exp_avg'` on momentum SGD). So
-`consolidate` rebuilds, from the files of any world size and ZeRO stage 0-2, every parameter's fp32 master value,
-every tensor of optimizer state (momentum) and every buffer (BatchNorm running statistics) by parameter name, and
-`apply_consolidated` places them into a freshly initialized engine of any world size and ZeRO stage 0-2.
+A checkpoint of another world size or ZeRO stage is resumed through engine.training.zero_state, which reads it by
+parameter name and places it into the new engine.
 """
 from __future__ import annotations
 
-import bisect
-import itertools
 import json
 import os
 import re
@@ -33,7 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_set_full_fp32_param
+
+from engine.training.zero_state import apply_consolidated, consolidate, optimizer_param_names
 
 MANIFEST = "complete.json"
 LATEST = "latest"
@@ -61,6 +57,11 @@ def read_manifest(tag_dir: str | Path) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return manifest
+
+
+def _is_complete(entry: Path) -> bool:
+    """A step_X folder (not step_X.partial) whose manifest lists files that all exist with the listed sizes."""
+    return not entry.name.endswith(PARTIAL) and read_manifest(entry) is not None
 
 
 def _fsync(path: Path) -> None:
@@ -124,8 +125,7 @@ class Checkpointer:
         return sorted(found)
 
     def complete_steps(self) -> list[int]:
-        return [step for step, path in self._entries()
-                if not path.name.endswith(PARTIAL) and read_manifest(path) is not None]
+        return [step for step, path in self._entries() if _is_complete(path)]
 
     def _latest(self) -> str | None:
         try:
@@ -141,22 +141,22 @@ class Checkpointer:
         """
         if mode not in RESUME_MODES:
             raise ValueError(f"train.resume must be one of {', '.join(RESUME_MODES)}, got {mode!r}")
+        entries, latest = self._entries(), self._latest()
         if mode == "never":
-            if self._entries() or self._latest() is not None:
+            if entries or latest is not None:
                 raise FileExistsError(
                     f"{self.directory} already holds checkpoints and train.resume=never: pass --resume (or set "
                     f"train.resume=auto) to continue that run, or set train.output_dir to a new folder")
             return None
-        complete = self.complete_steps()
+        complete = [step for step, path in entries if _is_complete(path)]
         if not complete:
             if mode == "must":
                 raise FileNotFoundError(f"train.resume=must but {self.directory} holds no complete checkpoint")
-            torn = [path.name for _, path in self._entries()] + ([LATEST] if self._latest() is not None else [])
+            torn = [path.name for _, path in entries] + ([LATEST] if latest is not None else [])
             if torn:
                 self._warn(f"{self.directory} holds no complete checkpoint (ignored: {', '.join(torn)}); "
                            f"starting at step 0")
             return None
-        latest = self._latest()
         if latest in {tag_of(step) for step in complete}:
             return latest
         newest = tag_of(complete[-1])
@@ -205,9 +205,7 @@ class Checkpointer:
             **info,
         }
         if manifest["zero_stage"] == 0:  # DeepSpeed saves ZeRO-0 optimizer state by index only: keep the names
-            name_of = {p: name for name, p in engine.module.named_parameters()}
-            manifest["optimizer_param_names"] = [[name_of[p] for p in group["params"]]
-                                                 for group in engine.optimizer.param_groups]
+            manifest["optimizer_param_names"] = optimizer_param_names(engine)
         _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
         final = self.directory / tag_of(step)
         if final.exists():  # a checkpoint of an abandoned later timeline (resumed from an earlier step)
@@ -225,7 +223,7 @@ class Checkpointer:
         """
         kept_before = []
         for other, path in self._entries():
-            if path.name.endswith(PARTIAL) or read_manifest(path) is None:
+            if not _is_complete(path):
                 _remove(path)
             elif other < step:
                 kept_before.append(path)
@@ -273,148 +271,3 @@ def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif old != new and f"{prefix}{key}" != "train.resume":
             changes.append(f"{prefix}{key} {old!r} -> {new!r}")
     return changes
-
-
-# ---------------------------------------------------------------------------------- world-size-independent state
-def consolidate(tag_dir: str | Path, manifest: dict | None = None) -> dict:
-    """A complete checkpoint of any world size and ZeRO stage 0-2, by parameter name, on CPU:
-
-    {"params": {name: fp32 master value}, "buffers": {name: tensor}, "optimizer": {state key: {name: tensor}},
-     "world_size", "zero_stage", "global_steps", "global_samples", "skipped_steps"}
-    """
-    tag_dir = Path(tag_dir)
-    manifest = manifest or read_manifest(tag_dir)  # given: read_manifest of tag_dir, already checked
-    if manifest is None:
-        raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete or missing")
-    stage, world_size = manifest["zero_stage"], manifest["world_size"]
-    if stage not in (0, 1, 2):
-        raise ValueError(f"checkpoint {tag_dir} was written at ZeRO stage {stage} by {world_size} rank(s); only "
-                         f"stages 0-2 can change world size or stage: resume it with {world_size} rank(s) and "
-                         f"train.zero_stage={stage}")
-    model_states = _load_mapped(tag_dir / "mp_rank_00_model_states.pt")
-    module = model_states["module"]  # stages 0-2: full parameters (ZeRO-1/2: copies of the fp32 masters)
-    buffers = {name: module[name] for name in model_states["buffer_names"]}
-    params = {name: value.float() for name, value in module.items() if name not in buffers}
-    if stage == 0:
-        names = [name for group in manifest["optimizer_param_names"] for name in group]
-        optimizer = _by_name(model_states["optimizer"]["state"], names)
-    else:
-        masters, optimizer = _unflatten_zero12(tag_dir, world_size, model_states["param_shapes"])
-        params.update(masters)
-    return {
-        "params": params,
-        "buffers": buffers,
-        "optimizer": optimizer,
-        "world_size": world_size,
-        "zero_stage": stage,
-        **{key: model_states[key] for key in ("global_steps", "global_samples", "skipped_steps")},
-    }
-
-
-def _by_name(state: dict, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """torch.optim state (keyed by parameter index) -> {state key: {parameter name: tensor}}; tensors only."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for index, entry in state.items():
-        for key, value in entry.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                out.setdefault(key, {})[names[index]] = value.float()
-    return out
-
-
-def _load_mapped(path: Path) -> dict:
-    """A torch.save file memory-mapped: its tensors are read from disk when used, not when loaded."""
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-
-
-def _unflatten_zero12(tag_dir: Path, world_size: int, param_shapes: list[dict]) -> tuple[dict, dict]:
-    """ZeRO-1/2: every rank holds a slice of each group's flat fp32 vector (and of its optimizer state);
-    concatenated over ranks, the vector holds the group's parameters in order, each followed by its alignment
-    padding (DeepSpeed's own reconstruction in deepspeed.utils.zero_to_fp32 does the same for the weights).
-
-    The files are memory-mapped and never concatenated: a value inside one rank's slice is a view of its file, so a
-    rank resuming at another world size reads the parts it places, not every rank's files (at SEER's 1.3B
-    parameters, ~10 GB of fp32 weights and momentum, which each rank of a node used to load at once)."""
-    ranks = [_load_mapped(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
-             for rank in range(world_size)]
-    params: dict[str, torch.Tensor] = {}
-    optimizer: dict[str, dict[str, torch.Tensor]] = {}
-    for group, shapes in enumerate(param_shapes):
-        slices = [rank["single_partition_of_fp32_groups"][group] for rank in ranks]
-        alignment = ranks[0].get("param_alignment_paddings")  # per group, per parameter; may be absent
-        paddings = alignment[group] if alignment else [0] * len(shapes)
-        params.update(_split(slices, shapes, paddings))
-        states = []
-        for rank in ranks:
-            base = rank["base_optimizer_state"]  # torch.optim state of the rank's flat slice (a list if elastic)
-            states.append(base[group] if isinstance(base, list)
-                          else base["state"].get(base["param_groups"][group]["params"][0], {}))
-        for key in states[0]:
-            if all(torch.is_tensor(state.get(key)) and state[key].dim() == 1 and state[key].numel() >= piece.numel()
-                   for state, piece in zip(states, slices)):
-                # the state may be padded to the partition size; the fp32 slices are not
-                pieces = [state[key][:piece.numel()].float() for state, piece in zip(states, slices)]
-                optimizer.setdefault(key, {}).update(_split(pieces, shapes, paddings))
-    return params, optimizer
-
-
-def _split(pieces: list[torch.Tensor], shapes: dict, paddings: list[int]) -> dict[str, torch.Tensor]:
-    """The named values of a flat vector held as consecutive 1-D pieces (one per rank): a view where a value lies in
-    one piece, a copy where it straddles two."""
-    ends = list(itertools.accumulate(piece.numel() for piece in pieces))
-    out, offset = {}, 0
-    for (name, shape), padding in zip(shapes.items(), paddings):
-        numel = torch.Size(shape).numel()
-        if offset + numel > ends[-1]:
-            raise ValueError(f"ZeRO partitions hold {ends[-1]} values but the parameters need more (at {name})")
-        parts, start, left = [], offset, numel
-        while left > 0:
-            index = bisect.bisect_right(ends, start)  # the piece holding flat position `start`
-            begin = ends[index] - pieces[index].numel()
-            take = min(left, ends[index] - start)
-            parts.append(pieces[index].narrow(0, start - begin, take))
-            start, left = start + take, left - take
-        value = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0)
-        out[name] = value.view(shape)
-        offset += numel + padding
-    return out
-
-
-def apply_consolidated(engine, state: dict) -> None:
-    """Load a `consolidate`d checkpoint into a DeepSpeed engine of any world size at ZeRO stage 0-2 (no collectives)."""
-    stage = engine.zero_optimization_stage()
-    if stage not in (0, 1, 2):
-        raise ValueError(f"a checkpoint of {state['world_size']} rank(s) at ZeRO stage {state['zero_stage']} cannot be "
-                         f"loaded at ZeRO stage {stage}: set train.zero_stage to 0, 1 or 2")
-    model = engine.module
-    model.load_state_dict({**state["params"], **state["buffers"]}, strict=True)  # stages 0-2 hold full parameters
-    name_of = {p: name for name, p in model.named_parameters()}
-    if stage == 0:
-        for group in engine.optimizer.param_groups:
-            for p in group["params"]:
-                for key, values in state["optimizer"].items():
-                    if name_of[p] in values:
-                        engine.optimizer.state[p][key] = torch.empty_like(p).copy_(values[name_of[p]])
-    else:
-        zero = engine.optimizer
-        for p, name in name_of.items():
-            safe_set_full_fp32_param(p, state["params"][name])  # this rank's fragment of the fp32 master
-        for lp_params, group in zip(zero.bit16_groups, zero.optimizer.param_groups):
-            (partition,) = group["params"]  # this rank's flat fp32 slice of the group
-            for key, values in state["optimizer"].items():
-                if not any(name_of[p] in values for p in lp_params):
-                    continue  # this group had no such state yet (e.g. frozen prototypes)
-                flat = torch.zeros_like(partition)
-                for p in lp_params:
-                    mapping = p._hp_mapping
-                    if mapping is not None and name_of[p] in values:
-                        address = mapping.get_hp_fragment_address()
-                        flat.narrow(0, address.start, address.numel).copy_(_fragment(values[name_of[p]], mapping))
-                zero.optimizer.state[partition][key] = flat
-    engine.global_steps = state["global_steps"]
-    engine.global_samples = state["global_samples"]
-    engine.skipped_steps = state["skipped_steps"]
-
-
-def _fragment(full: torch.Tensor, mapping) -> torch.Tensor:
-    address = mapping.lp_fragment_address
-    return full.reshape(-1).narrow(0, address.start, address.numel)

@@ -10,13 +10,10 @@ presets timm has no name for, into `timm.models.regnet.RegNet(RegNetCfg(...), in
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import save_file
 from timm.models.regnet import RegNetCfg
@@ -38,7 +35,8 @@ def read_deepspeed_checkpoint(path: str | Path) -> BackboneWeights:
     else:
         raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint: expected train.output_dir/checkpoints (with a "
                                 f"`latest` file) or one of its step_XXXXXXXX folders")
-    from engine.training.checkpoint import read_manifest  # here: it imports DeepSpeed
+    from engine.training.checkpoint import read_manifest  # here: they import DeepSpeed
+    from engine.training.zero_state import consolidated_weights
 
     manifest = read_manifest(checkpoints / tag)
     if manifest is None:
@@ -48,15 +46,7 @@ def read_deepspeed_checkpoint(path: str | Path) -> BackboneWeights:
     if not run_config.is_file():
         raise FileNotFoundError(f"{run_config} not found: it names the backbone that {checkpoints} was trained with")
     config = yaml.safe_load(run_config.read_text())
-    if manifest["zero_stage"] == 0:
-        model = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=True)["module"]
-    else:
-        # ZeRO >= 1: the exact fp32 weights are the optimizer's master copy, partitioned across the ranks' files.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(sys.stderr):  # it reports its progress with print()
-            model = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+    model = consolidated_weights(checkpoints / tag, manifest)  # at ZeRO >= 1 the optimizer's fp32 master copy
     state = {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
     return BackboneWeights(state, config["model"]["backbone"], config["data"]["channels"], checkpoints / tag)
 
