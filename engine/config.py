@@ -57,8 +57,11 @@ class OptimConfig:
     final_lr_fraction: float = 0.001  # cosine decays to lr * this
     warmup_steps: int = 8000  # steps of linear warm-up from 0 to the peak
     momentum: float = 0.9
-    weight_decay: float = 1e-5  # not applied to biases and normalisation parameters
+    weight_decay: float = 1e-5  # on every parameter, biases and normalisation parameters too (SEER)
     trust_coefficient: float = 0.001  # LARS eta
+    # Biases and normalisation parameters without LARS or weight decay, at the plain lr (SimCLR/BYOL's habit; SwAV and
+    # SEER apply LARC and weight decay to every parameter).
+    exclude_bias_and_norm: bool = False
     gradient_clipping: float = 0.0  # global gradient-norm clip, 0 = off (SwAV/SEER: off; DeepSpeed's own default is 1)
 
 

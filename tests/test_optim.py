@@ -90,13 +90,35 @@ def test_zero_weight_takes_the_plain_step():
     torch.testing.assert_close(p.detach(), torch.full((4,), -0.1))
 
 
-def test_parameter_groups_exclude_biases_and_norms():
+def test_parameter_groups_put_biases_and_norms_under_lars_unless_excluded():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
     model.prototypes = nn.Parameter(torch.randn(5, 8))
     groups = {g["name"]: g for g in parameter_groups(model, weight_decay=1e-5)}
+    assert set(groups) == {WEIGHTS, PROTOTYPES}  # SEER: LARC and weight decay on every parameter
+    assert len(groups[WEIGHTS]["params"]) == 4 and groups[WEIGHTS]["lars"] and groups[WEIGHTS]["weight_decay"] == 1e-5
+    assert groups[PROTOTYPES]["params"][0] is model.prototypes and groups[PROTOTYPES]["lars"]
+    groups = {g["name"]: g for g in parameter_groups(model, weight_decay=1e-5, exclude_bias_and_norm=True)}
     assert [p.shape for p in groups[WEIGHTS]["params"]] == [torch.Size([8, 4])]
     assert len(groups[NO_DECAY]["params"]) == 3 and groups[NO_DECAY]["weight_decay"] == 0 and not groups[NO_DECAY]["lars"]
-    assert groups[PROTOTYPES]["params"][0] is model.prototypes and groups[PROTOTYPES]["lars"]
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_trust_ratio_applies_to_1d_parameters_by_default(exclude):
+    """One step of a BatchNorm weight: scaled by its LARS trust ratio, or the plain SGD step with the option."""
+    cfg = load_config(None, [f"optim.exclude_bias_and_norm={str(exclude).lower()}", "optim.weight_decay=0.01",
+                             "optim.trust_coefficient=0.02", "optim.momentum=0"])
+    norm = nn.BatchNorm1d(4)
+    opt = build_optimizer(norm, cfg.optim)
+    for group in opt.param_groups:
+        group["lr"] = 0.5
+    w0 = norm.weight.detach().clone()
+    norm.weight.grad, norm.bias.grad = torch.full((4,), 2.0), torch.zeros(4)
+    opt.step()
+    wd, eta = (0.0, None) if exclude else (0.01, 0.02)
+    update = norm.weight.grad + wd * w0
+    if not exclude:
+        update = update * eta * w0.norm() / (norm.weight.grad.norm() + wd * w0.norm() + 1e-8)
+    torch.testing.assert_close(norm.weight.detach(), w0 - 0.5 * update)
 
 
 def test_sgd_option_has_no_trust_ratio():

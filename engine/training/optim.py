@@ -77,7 +77,7 @@ class LARS(torch.optim.Optimizer):
 
     ratio = eta * ||w|| / (||g|| + wd * ||w|| + eps), applied to (g + wd * w), then momentum and lr (apex's LARC
     without clipping, the form SwAV and SEER trained with). Groups with `lars=False` (biases, norm parameters)
-    take plain momentum SGD with their own weight decay (0 in SEER). A group whose lr is 0 is left untouched,
+    take plain momentum SGD with their own weight decay. A group whose lr is 0 is left untouched,
     momentum included: that is how prototypes are frozen in the first steps (SwAV drops their gradient).
 
     The norms are those of whole original parameters. Under DeepSpeed ZeRO the optimizer steps flat partitions
@@ -265,16 +265,18 @@ def _reduce_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weights (decay + LARS), biases and norm parameters (neither, as SEER), prototypes (own lr schedule)."""
+def parameter_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = False) -> list[dict]:
+    """Weights (decay + LARS) and prototypes (the same, on their own lr schedule). Biases and norm parameters are
+    weights too, as SwAV/SEER trained (LARC over every parameter, VISSL's regularize_bn/bias); with
+    `exclude_bias_and_norm` they form a group with neither (the SimCLR/BYOL habit)."""
     groups = {WEIGHTS: [], NO_DECAY: [], PROTOTYPES: []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.endswith("prototypes"):
             groups[PROTOTYPES].append(p)
-        elif len(getattr(p, "ds_shape", p.shape)) <= 1:  # ds_shape: built under ZeRO-3's zero.Init, p is empty
-            groups[NO_DECAY].append(p)
+        elif exclude_bias_and_norm and len(getattr(p, "ds_shape", p.shape)) <= 1:  # ds_shape: under ZeRO-3's
+            groups[NO_DECAY].append(p)                                               # zero.Init, p is empty
         else:
             groups[WEIGHTS].append(p)
     decay = {WEIGHTS: weight_decay, NO_DECAY: 0.0, PROTOTYPES: weight_decay}
@@ -286,7 +288,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, optim_cfg.weight_decay)
+    groups = parameter_groups(model, optim_cfg.weight_decay, optim_cfg.exclude_bias_and_norm)
     if optim_cfg.name == "lars":
         return LARS(groups, lr=0.0, momentum=optim_cfg.momentum, trust_coefficient=optim_cfg.trust_coefficient)
     # Plain momentum SGD: same groups and schedules, no trust ratio. Elementwise, so exact under ZeRO too.
