@@ -21,7 +21,7 @@ import yaml
 from deepspeed.utils import safe_set_full_fp32_param
 from tqdm import tqdm
 
-from dataloading.pipeline import build_train_loader
+from dataloading.multicrop import build_train_loader
 from engine.models.batchnorm import batch_norm_group
 from engine.training.checkpoint import Checkpointer
 from engine.config import Config, ConfigError, load_config
@@ -108,8 +108,7 @@ class Pretrainer:
         self.lr = schedules(cfg, cfg.train.batch_size * self.dist.world_size)
         self.loader = build_train_loader(
             cfg.data, batch_size=cfg.train.batch_size, shard_id=self.dist.rank, num_shards=self.dist.world_size,
-            device=self.dist.device.type, device_id=self.dist.local_rank if self.dist.device.type == "cuda" else None,
-            channels_last=self.model.memory_format == torch.channels_last,
+            device=self.dist.device, channels_last=self.model.memory_format == torch.channels_last,
         )
         self.step = 0
         if self.dist.is_main:
