@@ -9,7 +9,7 @@ Recipe: the DataConfig defaults, i.e. SEER's: 2×224 px crops at scale 0.14-1 an
 colour jitter 0.8 (brightness, contrast, saturation 0.8, hue 0.2), grayscale 0.2, Gaussian blur 0.5 (sigma 0.1-2 px),
 flip 0.5, ImageNet mean/std; crops delivered as the trainer gets them (float32, channels_last, CPU).
 Providers:
-- dali: dataloading.pipeline's CPU pipeline, num_threads = --threads, as training runs on these shards (written by
+- dali: dataloading.multicrop's CPU pipeline, num_threads = --threads, as training runs on these shards (written by
   `seer data pack`, which checked every JPEG: no per-sample guard while loading);
 - dali_guarded: the same with the per-sample guard forced on, as for shards not written by `seer data pack`;
 - pillow: dataloading.torch_baseline (torchvision's PIL transforms, as the SwAV code), --threads worker processes.
@@ -47,12 +47,12 @@ GUARD_SAMPLE = 256  # images on which the guard's cost per image is timed
 
 
 def make_loader(provider: str, cfg, batch_size: int):
-    from dataloading.pipeline import TrainLoader
+    from dataloading.multicrop import build_train_loader
     from dataloading.torch_baseline import PillowTrainLoader
 
     if provider == "pillow":
         return PillowTrainLoader(cfg, batch_size=batch_size)
-    return TrainLoader(cfg, batch_size=batch_size, guard=True if provider == "dali_guarded" else None)
+    return build_train_loader(cfg, batch_size=batch_size, guard=True if provider == "dali_guarded" else None)
 
 
 def measure(providers, cfg, *, batch_size: int, batches: int, warmup: int, rounds: int) -> dict[str, dict]:

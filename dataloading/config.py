@@ -61,15 +61,17 @@ def check_data_config(cfg: DataConfig) -> None:
     if cfg.channels not in (1, 3):
         raise ValueError(f"data.channels must be 1 or 3, got {cfg.channels}")
     if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels:
-        raise ValueError(f"data.mean and data.std need one value per channel (data.channels={cfg.channels})")
+        raise ValueError(f"data.mean and data.std need one value per channel (data.channels={cfg.channels}), got "
+                         f"mean {tuple(cfg.mean)} and std {tuple(cfg.std)}")
     if not all(s > 0 for s in cfg.std):
-        raise ValueError("data.std values must be > 0")
+        raise ValueError(f"data.std values must be > 0, got {tuple(cfg.std)}")
     if sum(group.count for group in cfg.crops) < 2:
         raise ValueError("data.crops must define at least 2 crops in total")
     for i, group in enumerate(cfg.crops):
         low, high = group.scale
         if group.size <= 0 or group.count <= 0:
-            raise ValueError(f"data.crops[{i}] needs size > 0 and count > 0")
+            raise ValueError(f"data.crops[{i}] needs size > 0 and count > 0, got size {group.size} and count "
+                             f"{group.count}")
         if not 0 < low <= high <= 1:
             raise ValueError(f"data.crops[{i}].scale must satisfy 0 < low <= high <= 1, got {group.scale}")
     aug = cfg.augment

@@ -119,7 +119,10 @@ def _validate(data: bytes, quality: int, max_side: int | None) -> tuple[bytes | 
             return None, "corrupt"
 
 
-def _prepare_file(path: str, quality: int, max_side: int | None) -> Prepared:
+def prepare_file(path: str, quality: int, max_side: int | None) -> Prepared:
+    """An image file as pack stores it: (JPEG bytes, None, digest of the file bytes) for a good image, else (None,
+    skip reason, digest or None). Plain JPEGs are kept byte for byte, other images re-encoded as JPEG at
+    `quality`; images with a side over max_side are shrunk to it (None: sides over MAX_SIDE are refused)."""
     try:
         data = Path(path).read_bytes()
     except OSError:
@@ -133,7 +136,7 @@ def _prepare_file(path: str, quality: int, max_side: int | None) -> Prepared:
 
 
 def _prepare_files(paths: list[str], quality: int, max_side: int | None) -> list[Prepared]:
-    return [_prepare_file(path, quality, max_side) for path in paths]
+    return [prepare_file(path, quality, max_side) for path in paths]
 
 
 @dataclass

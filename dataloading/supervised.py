@@ -2,63 +2,60 @@
 
 The standard supervised augmentation used for fine-tuning. Like the multi-crop TrainLoader it is sharded by rank
 (every sample once per epoch across ranks), reproducible for a seed, and runs on CPU (device="cpu") or as a GPU
-graph ("mixed" decode, device="cuda"). The test split is read with dataloading.pipeline.build_eval_loader.
+graph ("mixed" decode, device="cuda"). The test split is read with dataloading.eval.build_eval_loader.
 """
 from __future__ import annotations
 
+import os
+
 import torch
-from nvidia.dali import fn
 from nvidia.dali.pipeline import Pipeline
 
-from dataloading.pipeline import (
-    ASPECT_RATIO,
-    EpochIterator,
-    _ascii_to_int,
-    _check_channels,
-    _check_device,
-    _decode,
-    _device_id,
-    _guarded,
-    _meta_outputs,
-    _normalize,
-    _rank_seed,
-    _read_samples,
+from dataloading.augment import decode, normalize, random_flip, random_resized_crop
+from dataloading.config import DataConfig, check_data_config
+from dataloading.graph import EpochIterator, dali_device, rank_seed
+from dataloading.shards import (
+    ascii_to_int,
     class_names,
+    guard_samples,
+    label_and_index_outputs,
     read_manifest,
+    read_samples,
 )
 
 
 def define_supervised_pipeline(
-    shards_dir, *, size: int, scale: tuple[float, float], channels: int, mean, std, batch_size: int,
-    flip_p: float = 0.5, num_threads: int = 2, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
-    device: str = "cpu", device_id: int | None = None, with_index: bool = False, guard: bool | None = None,
+    cfg: DataConfig, shards_dir: str | os.PathLike, *, size: int, scale: tuple[float, float], batch_size: int,
+    flip_p: float = 0.5, seed: int = 0, shard_id: int = 0, num_shards: int = 1, device: torch.device | str = "cpu",
+    with_index: bool = False, guard: bool | None = None,
 ) -> tuple[Pipeline, list[str]]:
     """The supervised train graph (not built) and the names of its outputs: "image", "label" (, "replaced", "index").
+    Images are decoded with cfg.channels and normalized with cfg.mean and cfg.std, on cfg.num_threads threads.
 
-    guard: check and replace bad samples (dataloading.pipeline's guard); None: unless pack checked them
+    device: where the graph runs (see dataloading.graph.dali_device).
+    guard: check and replace bad samples (dataloading.shards.guard_samples); None: unless pack checked them
     (needs_guard); False also to serialize the graph.
     """
-    _check_device(device)
-    _check_channels(channels, mean, std)
+    device_type, device_id = dali_device(device)
+    check_data_config(cfg)
     low, high = scale
     if not 0 < low <= high <= 1:
         raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {tuple(scale)}")
     manifest, tars, idxs = read_manifest(shards_dir)
     class_names(manifest, shards_dir, "the supervised loader's shards")  # labels are what it trains on
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                    seed=_rank_seed(seed, shard_id))
+    pipe = Pipeline(batch_size=batch_size, num_threads=cfg.num_threads, device_id=device_id,
+                    seed=rank_seed(seed, shard_id))
     with pipe:
-        jpegs, labels = _read_samples(
+        jpegs, labels = read_samples(
             tars, idxs, True, random_shuffle=True,
             # As the multi-crop loader: one tar order per epoch shared by all ranks keeps their shards disjoint.
             shuffle_after_epoch=True, shuffle_after_epoch_seed=seed, shard_id=shard_id, num_shards=num_shards,
         )
-        encoded, flags, flag_names = _guarded(jpegs, manifest, guard)
-        crop = fn.random_resized_crop(_decode(encoded, channels, device), size=[size, size], random_area=list(scale),
-                                      random_aspect_ratio=list(ASPECT_RATIO))
-        mirror = fn.random.coin_flip(probability=flip_p) if flip_p > 0 else None
-        meta, meta_names = _meta_outputs(labels, jpegs, with_index, device)
-        pipe.set_outputs(_normalize(crop, mean, std, mirror), *flags, *meta)
+        encoded, flags, flag_names = guard_samples(jpegs, manifest, guard)
+        crop = random_resized_crop(decode(encoded, cfg.channels, device_type), size, scale)
+        mirror = random_flip(flip_p)
+        meta, meta_names = label_and_index_outputs(labels, jpegs, with_index, device_type)
+        pipe.set_outputs(normalize(crop, cfg.mean, cfg.std, mirror), *flags, *meta)
     return pipe, ["image"] + flag_names + meta_names
 
 
@@ -75,26 +72,26 @@ class SupervisedLoader(EpochIterator):
 
     def __next__(self) -> dict[str, torch.Tensor]:
         batch = self._next_batch()
-        out = {"image": batch["image"], "label": _ascii_to_int(batch["label"])}
+        out = {"image": batch["image"], "label": ascii_to_int(batch["label"])}
         if self.with_index:
-            out["index"] = _ascii_to_int(batch["index"])
+            out["index"] = ascii_to_int(batch["index"])
         return out
 
 
 def build_supervised_loader(
-    shards_dir, *, size: int, scale: tuple[float, float], channels: int, mean, std, batch_size: int,
-    flip_p: float = 0.5, num_threads: int = 2, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
-    device: str = "cpu", device_id: int | None = None, with_index: bool = False,
+    cfg: DataConfig, shards_dir: str | os.PathLike, *, size: int, scale: tuple[float, float], batch_size: int,
+    flip_p: float = 0.5, seed: int = 0, shard_id: int = 0, num_shards: int = 1, device: torch.device | str = "cpu",
+    with_index: bool = False,
 ) -> SupervisedLoader:
-    """Supervised loader over the labelled shards in `shards_dir` for rank `shard_id` of `num_shards`.
+    """Supervised loader over the labelled shards in `shards_dir` for rank `shard_id` of `num_shards`, preprocessed
+    with cfg's channels, mean and std.
 
     Crops cover a `scale` fraction of the image area (aspect 3/4-4/3) and are resized to size×size; flipped with
-    probability flip_p. device="cuda" runs the graph on GPU `device_id` (default: $LOCAL_RANK, else 0).
+    probability flip_p. seed: the loader's random streams (the fine-tuning run's seed, not cfg.seed).
     with_index adds "index": the packed sample key (int64), for checks of sharding and coverage.
     """
     pipe, names = define_supervised_pipeline(
-        shards_dir, size=size, scale=scale, channels=channels, mean=mean, std=std, batch_size=batch_size,
-        flip_p=flip_p, num_threads=num_threads, seed=seed, shard_id=shard_id, num_shards=num_shards, device=device,
-        device_id=_device_id(device, device_id), with_index=with_index,
+        cfg, shards_dir, size=size, scale=scale, batch_size=batch_size, flip_p=flip_p, seed=seed, shard_id=shard_id,
+        num_shards=num_shards, device=device, with_index=with_index,
     )
     return SupervisedLoader(pipe, names, with_index)

@@ -27,7 +27,7 @@ class ShardSamples(Dataset):
     """Samples of a packed shard folder by position, as (crops, label): label -1 for unlabelled shards."""
 
     def __init__(self, shards_dir, transform):
-        from dataloading.pipeline import read_manifest  # not at module level: workers need not import DALI
+        from dataloading.shards import read_manifest  # not at module level: workers need not import DALI
 
         manifest, self.tars, _ = read_manifest(shards_dir)
         self.transform = transform
@@ -77,7 +77,7 @@ class MultiCropTransform:
     """Encoded image bytes -> the crops of every crop group (group-major), float C×size×size tensors."""
 
     def __init__(self, cfg: DataConfig):
-        from dataloading.pipeline import ASPECT_RATIO
+        from dataloading.augment import ASPECT_RATIO
 
         self.mode = "RGB" if cfg.channels == 3 else "L"
         self.groups = [(self._crop_transform(group, cfg, ASPECT_RATIO), group.count) for group in cfg.crops]

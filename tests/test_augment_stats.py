@@ -14,7 +14,8 @@ from PIL import Image
 
 from dataloading.config import AugmentConfig, CropGroup, DataConfig
 from dataloading.pack import pack
-from dataloading.pipeline import BLUR_WINDOW_SIGMAS, build_train_loader
+from dataloading.augment import BLUR_WINDOW_SIGMAS
+from dataloading.multicrop import build_train_loader
 from dataloading.torch_baseline import PillowTrainLoader
 
 RGB = dict(channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)

@@ -1,4 +1,4 @@
-"""The train graph's colour jitter (`_map_colors`: brightness, contrast, saturation, hue, grayscale as one affine
+"""The train graph's colour jitter (`map_colors`: brightness, contrast, saturation, hue, grayscale as one affine
 map per pixel) against torchvision's rules computed in numpy, and its hue against DALI's own fn.hsv."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from dataloading.pipeline import LUMA, _map_colors
+from dataloading.augment import LUMA, map_colors
 
 BATCH = 4
 
@@ -18,13 +18,13 @@ def _feed(values):
 
 
 def _run(images: np.ndarray, params: dict[str, np.ndarray], with_hsv_degrees: np.ndarray | None = None):
-    """_map_colors on the CPU with per-sample parameters fed as DALI inputs; optionally also fn.hsv."""
+    """map_colors on the CPU with per-sample parameters fed as DALI inputs; optionally also fn.hsv."""
 
     @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
     def graph():
         x = fn.external_source(source=lambda: list(images), layout="HWC", dtype=types.UINT8, batch=True)
         fed = {name: fn.external_source(source=_feed(values), batch=True) for name, values in params.items()}
-        outputs = [_map_colors(x, **fed)]
+        outputs = [map_colors(x, **fed)]
         if with_hsv_degrees is not None:
             outputs.append(fn.hsv(x, hue=fn.external_source(source=_feed(with_hsv_degrees), batch=True)))
         return tuple(outputs)
@@ -110,7 +110,7 @@ def test_values_out_of_range_saturate():
 def test_any_strength_may_be_zero(shards, strengths):
     # A strength of 0 is no jitter of that kind (DALI's uniform refuses the empty range [1, 1]).
     from dataloading.config import AugmentConfig, CropGroup, DataConfig
-    from dataloading.pipeline import build_train_loader
+    from dataloading.multicrop import build_train_loader
 
     augment = AugmentConfig(color_jitter_p=1.0, grayscale_p=0.0, blur_p=0.0, **strengths)
     cfg = DataConfig(train_shards=shards["train"], crops=[CropGroup(16, 2, (0.5, 1.0))], augment=augment)

@@ -21,12 +21,11 @@ from dataloading import sources
 from dataloading.config import AugmentConfig, CropGroup, DataConfig
 from dataloading.jpeg import jpeg_problem
 from dataloading.pack import pack
-from dataloading.pipeline import (
-    build_eval_loader,
-    build_train_loader,
-    define_eval_pipeline,
-    define_train_pipeline,
-)
+from dataloading.eval import build_eval_loader, define_eval_pipeline, image_file_batches
+from dataloading.graph import dali_device
+from dataloading.multicrop import build_train_loader, define_train_pipeline
+from dataloading.shards import needs_guard, read_manifest
+from dataloading.supervised import build_supervised_loader
 from dataloading.sources import load_idx
 from dataloading.torch_baseline import PillowTrainLoader
 
@@ -137,7 +136,7 @@ def test_missing_or_empty_shards_fail_clearly(tmp_path):
     (tmp_path / "junk" / "a.txt").write_text("text")
     pack(tmp_path / "junk", tmp_path / "empty", progress=False)
     with pytest.raises(ValueError, match="no samples"):
-        build_eval_loader(tmp_path / "empty", size=28, batch_size=4, **GRAY)
+        build_eval_loader(DataConfig(**GRAY), tmp_path / "empty", size=28, batch_size=4)
 
 
 # ----------------------------------------------------------------------------------------------- train loader
@@ -214,7 +213,7 @@ def test_flip_happens_about_half_the_time(shards):
     augment = AugmentConfig(flip_p=0.5, color_jitter_p=0.0, blur_p=0.0)
     cfg = train_config(shards, crops=[CropGroup(28, 1, (1.0, 1.0))], augment=augment)
     eval_images = {}
-    for batch in build_eval_loader(shards, size=28, batch_size=64, with_index=True, **GRAY):
+    for batch in build_eval_loader(DataConfig(**GRAY), shards, size=28, batch_size=64, with_index=True):
         eval_images.update(zip(batch["index"].tolist(), batch["image"]))
     loader = build_train_loader(cfg, batch_size=100, with_index=True)
     flipped = 0
@@ -254,12 +253,38 @@ def test_bfloat16_output_is_the_float32_output_rounded(shards):
     (dict(augment=AugmentConfig(blur_p=1.5)), r"data.augment.blur_p is a probability"),
     (dict(augment=AugmentConfig(blur_sigma=(0.0, 2.0))), r"data.augment.blur_sigma must satisfy 0 < low"),
     (dict(crops=[CropGroup(16, 2, (0.5, 1.0), solarize_p=-0.1)]), r"data.crops\[0\].solarize_p is a probability"),
+    (dict(crops=[CropGroup(16, 2, (0.0, 1.0))]), r"data.crops\[0\].scale must satisfy 0 < low"),
+    (dict(crops=[CropGroup(0, 2, (0.5, 1.0))]), r"data.crops\[0\] needs size > 0"),
+    (dict(channels=2, mean=(0.5,) * 2, std=(0.5,) * 2), "data.channels must be 1 or 3, got 2"),
+    (dict(channels=3), r"data.mean and data.std need one value per channel \(data.channels=3\)"),
+    (dict(std=(0.0,)), "data.std values must be > 0"),
 ])
 def test_bad_augment_settings_name_the_key(shards, change, message):
     with pytest.raises(ValueError, match=message):
         build_train_loader(train_config(shards, **change), batch_size=8)
     with pytest.raises(ValueError, match=message):
         PillowTrainLoader(train_config(shards, **change), batch_size=8, num_workers=0)
+
+
+def test_every_loader_checks_its_data_config(shards):
+    three_means = DataConfig(channels=1, mean=(0.5,) * 3, std=(0.25,))
+    message = r"data.mean and data.std need one value per channel \(data.channels=1\)"
+    with pytest.raises(ValueError, match=message):
+        build_eval_loader(three_means, shards, size=28, batch_size=8)
+    with pytest.raises(ValueError, match=message):
+        build_supervised_loader(three_means, shards, size=28, scale=(0.5, 1.0), batch_size=8)
+    with pytest.raises(ValueError, match=message):
+        next(image_file_batches([], three_means, size=28))
+
+
+def test_one_device_rule_for_every_loader():
+    assert dali_device("cpu") == dali_device(torch.device("cpu")) == ("cpu", None)
+    assert dali_device("cuda:1") == dali_device(torch.device("cuda", 1)) == ("cuda", 1)
+    # A bare "cuda" is torch's current GPU, as tensor.to("cuda"); without a GPU the graph is only defined.
+    expected = torch.cuda.current_device() if torch.cuda.is_available() else None
+    assert dali_device("cuda") == ("cuda", expected)
+    with pytest.raises(ValueError, match="a loader's device must be cpu or cuda, got 'meta'"):
+        dali_device("meta")
 
 
 # ------------------------------------------------------------------------------------------------------ guard
@@ -371,7 +396,7 @@ GUARDED_RUN = """
 import json, sys
 from dataloading.config import AugmentConfig, CropGroup, DataConfig
 from dataloading.jpeg import jpeg_problem
-from dataloading.pipeline import build_train_loader
+from dataloading.multicrop import build_train_loader
 
 plain = AugmentConfig(flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 cfg = DataConfig(train_shards=sys.argv[1], crops=[CropGroup(24, 2, (0.5, 1.0))], augment=plain,
@@ -407,7 +432,7 @@ def test_guard_replaces_and_counts_bad_samples(foreign_shard):
 UNGUARDED_RUN = """
 import sys
 from dataloading.config import DataConfig
-from dataloading.pipeline import define_train_pipeline
+from dataloading.multicrop import define_train_pipeline
 
 pipe, _ = define_train_pipeline(DataConfig(train_shards=sys.argv[1]), batch_size=32, guard=False)
 pipe.build()
@@ -489,7 +514,7 @@ def test_data_benchmark_runs_and_records_the_command(shards, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ eval loader
 def test_eval_loader_covers_every_sample_once_per_pass(shards, fashion):
-    loader = build_eval_loader(shards, size=20, batch_size=64, with_index=True, **GRAY)
+    loader = build_eval_loader(DataConfig(**GRAY), shards, size=20, batch_size=64, with_index=True)
     for _ in range(2):  # re-iterable
         batches = list(loader)
         assert [len(b["label"]) for b in batches] == [64, 64, 64, 8]
@@ -505,8 +530,8 @@ def test_eval_loader_covers_every_sample_once_per_pass(shards, fashion):
 def test_eval_loader_shards_split_samples_exactly(shards):
     seen = []
     for rank in range(3):  # 200 samples: uneven shards
-        loader = build_eval_loader(shards, size=28, batch_size=32, shard_id=rank, num_shards=3, with_index=True,
-                                   **GRAY)
+        loader = build_eval_loader(DataConfig(**GRAY), shards, size=28, batch_size=32, shard_id=rank, num_shards=3,
+                                   with_index=True)
         seen += torch.cat([b["index"] for b in loader]).tolist()
     assert sorted(seen) == list(range(N_IMAGES))
 
@@ -519,18 +544,16 @@ def test_gpu_graphs_serialize_without_a_gpu(shards, channels):
     stats = dict(channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels)
     augment = AugmentConfig(blur_p=0.5, solarize_p=0.2, grayscale_p=0.2)
     cfg = train_config(shards, augment=augment, **stats)
-    train, names = define_train_pipeline(cfg, batch_size=8, device="cuda", device_id=None, guard=False)
+    train, names = define_train_pipeline(cfg, batch_size=8, device="cuda", guard=False)
     assert names[-1] == "label" and len(names) == 7
     graph = train.serialize()
     assert b"mixed" in graph and b"GaussianBlur" in graph and b"CropMirrorNormalize" in graph
     assert b"CoordTransform" in graph  # the colour map
-    evaluation, _ = define_eval_pipeline(shards, size=32, batch_size=8, device="cuda", guard=False, **stats)
+    evaluation, _ = define_eval_pipeline(cfg, shards, size=32, batch_size=8, device="cuda", guard=False)
     assert b"mixed" in evaluation.serialize()
 
 
 def test_guard_runs_unless_pack_checked_every_jpeg(shards, foreign_shard):
-    from dataloading.pipeline import needs_guard, read_manifest
-
     assert not needs_guard(read_manifest(shards)[0])  # `seer data pack` ran jpeg_problem on every JPEG it stored
     assert needs_guard(read_manifest(foreign_shard[0])[0])  # written by another tool: checked while loading
     names = define_train_pipeline(DataConfig(train_shards=shards, crops=CROPS, **GRAY), batch_size=8)[1]

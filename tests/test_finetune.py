@@ -12,7 +12,8 @@ from PIL import Image
 
 from dataloading import pack as pack_module
 from dataloading.pack import pack
-from dataloading.pipeline import build_eval_loader
+from dataloading.config import DataConfig
+from dataloading.eval import build_eval_loader
 from dataloading.sources import load_idx
 from dataloading.supervised import build_supervised_loader, define_supervised_pipeline
 from engine.evaluation.classifier import load_classifier
@@ -23,7 +24,7 @@ from engine.models.backbone import build_backbone
 from tiny_run import SEER
 
 N_TRAIN, N_TEST = 400, 200
-GRAY = dict(channels=1, mean=(0.286,), std=(0.353,))
+GRAY = DataConfig(channels=1, mean=(0.286,), std=(0.353,))
 # regnety_micro at 24 px, 60 steps of 32 images (~5 epochs of the 400 images): ~2 s, about half the test set right.
 TINY = ["model.backbone=regnety_micro", "finetune.image_size=24", "finetune.crop_scale=[0.6, 1]", "finetune.steps=60",
         "finetune.batch_size=32", "finetune.lr=1.0", "finetune.warmup_steps=5", "finetune.log_every=10",
@@ -80,7 +81,7 @@ def saved_weights(trainer: Finetuner) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------------ loader
 def supervised_loader(shards, **kwargs):
-    return build_supervised_loader(shards["train"], size=24, scale=(0.6, 1.0), **GRAY, **kwargs)
+    return build_supervised_loader(GRAY, shards["train"], size=24, scale=(0.6, 1.0), **kwargs)
 
 
 def test_supervised_loader_covers_each_sample_once_per_epoch_across_two_ranks(shards):
@@ -112,17 +113,17 @@ def test_supervised_loader_same_seed_same_batches(shards):
 
 
 def test_supervised_gpu_graph_serializes_without_a_gpu(shards):
-    pipe, names = define_supervised_pipeline(shards["train"], size=24, scale=(0.6, 1.0), batch_size=8, device="cuda",
-                                             guard=False, **GRAY)  # DALI cannot serialize the guard's Python op
+    pipe, names = define_supervised_pipeline(GRAY, shards["train"], size=24, scale=(0.6, 1.0), batch_size=8,
+                                             device="cuda", guard=False)  # DALI cannot serialize the guard's Python op
     assert names == ["image", "label"] and pipe.serialize()
-    guarded = define_supervised_pipeline(shards["train"], size=24, scale=(0.6, 1.0), batch_size=8, guard=True,
-                                         **GRAY)[1]
+    guarded = define_supervised_pipeline(GRAY, shards["train"], size=24, scale=(0.6, 1.0), batch_size=8,
+                                         guard=True)[1]
     assert guarded == ["image", "replaced", "label"]
 
 
 def test_supervised_loader_refuses_unlabelled_shards(unlabelled):
     with pytest.raises(ValueError, match="unlabelled images"):
-        build_supervised_loader(unlabelled, size=16, scale=(0.5, 1.0), batch_size=4, **GRAY)
+        build_supervised_loader(GRAY, unlabelled, size=16, scale=(0.5, 1.0), batch_size=4)
 
 
 # ---------------------------------------------------------------------------------------------------- finetune
@@ -146,8 +147,8 @@ def test_saved_classifier_gives_the_same_logits_and_top1(finetuned, shards):
     classifier, meta = load_classifier(finetuned.result["classifier"])
     assert meta["source"] == "finetune" and meta["backbone"] == "regnety_micro" and meta["image_size"] == 24
     assert meta["class_names"] == finetuned.classes and meta["mean"] == [0.286] and meta["std"] == [0.353]
-    loader = build_eval_loader(shards["test"], size=meta["image_size"], channels=meta["in_chans"], mean=meta["mean"],
-                               std=meta["std"], batch_size=64)
+    preprocessing = DataConfig(channels=meta["in_chans"], mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    loader = build_eval_loader(preprocessing, shards["test"], size=meta["image_size"], batch_size=64)
     images = next(iter(loader))["image"]
     with torch.no_grad():
         torch.testing.assert_close(classifier(images), finetuned.classifier(images), rtol=0, atol=0)

@@ -335,7 +335,8 @@ STREAM = textwrap.dedent("""
     import json, sys
     import torch
     from dataloading.config import CropGroup, DataConfig
-    from dataloading.pipeline import build_eval_loader, build_train_loader
+    from dataloading.eval import build_eval_loader
+    from dataloading.multicrop import build_train_loader
 
     shards, unlabelled = sys.argv[1:]
     crops = [CropGroup(size=32, count=2, scale=(0.3, 1.0)), CropGroup(size=16, count=2, scale=(0.1, 0.3))]
@@ -347,8 +348,8 @@ STREAM = textwrap.dedent("""
         shapes.append([list(crop.shape) for crop in batch["crops"]])
         labels |= set(batch["label"].tolist())
     seen = []
-    for batch in build_eval_loader(shards, size=24, batch_size=32, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
-                                   with_index=True):
+    stats = DataConfig(channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    for batch in build_eval_loader(stats, shards, size=24, batch_size=32, with_index=True):
         assert torch.isfinite(batch["image"]).all()
         seen += batch["index"].tolist()
     no_labels = next(build_train_loader(DataConfig(train_shards=unlabelled, crops=crops), batch_size=32))["label"]

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataloading.pack import _prepare_file, pack
-from dataloading.pipeline import build_eval_loader
+from dataloading.config import DataConfig
+from dataloading.eval import build_eval_loader
+from dataloading.pack import pack, prepare_file
 from engine.evaluation.classifier import load_classifier
 from engine.cli import build_parser
 from engine.config import load_config
@@ -76,8 +77,8 @@ def classifier_on_shards(head_file, shards) -> dict[bytes, torch.Tensor]:
         with tarfile.open(tar) as archive:
             encoded.update({int(m.name[:-4]): archive.extractfile(m).read()
                             for m in archive if m.name.endswith(".jpg")})
-    loader = build_eval_loader(shards, size=meta["image_size"], channels=meta["in_chans"], mean=meta["mean"],
-                               std=meta["std"], batch_size=64, with_index=True)
+    preprocessing = DataConfig(channels=meta["in_chans"], mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    loader = build_eval_loader(preprocessing, shards, size=meta["image_size"], batch_size=64, with_index=True)
     probabilities = {}
     with torch.no_grad():
         for batch in loader:
@@ -97,7 +98,7 @@ def test_saved_head_is_the_linear_probe_of_seer_eval(setup, head):
     assert meta["image_size"] == IMAGE_SIZE and meta["mean"] == list(cfg.data.mean)
     # The saved classifier, on the test images, scores what the probe scored.
     test = classifier_on_shards(head_file, setup["shards"]["test"])
-    labels = {_prepare_file(str(p), 95, None)[0]: meta["class_names"].index(p.parent.name)
+    labels = {prepare_file(str(p), 95, None)[0]: meta["class_names"].index(p.parent.name)
               for p in setup["folders"]["test"].rglob("*.png")}
     top1 = sum(int(p.argmax()) == labels[key] for key, p in test.items()) / len(test)
     assert top1 == pytest.approx(result["linear_top1"], abs=1 / len(test))
@@ -112,7 +113,7 @@ def test_predict_matches_the_classifier_on_the_eval_loader(setup, head, capsys):
     reference = classifier_on_shards(head_file, setup["shards"]["train"])
     correct = 0
     for file, result in zip(files, results):
-        expected = reference[_prepare_file(str(file), 95, None)[0]]  # the sample packed from this file
+        expected = reference[prepare_file(str(file), 95, None)[0]]  # the sample packed from this file
         predicted = torch.zeros(10)
         predicted[[t["index"] for t in result["top"]]] = torch.tensor([t["probability"] for t in result["top"]])
         torch.testing.assert_close(predicted, expected, rtol=0, atol=1e-5, msg=str(file))

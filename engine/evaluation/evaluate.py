@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dataloading.pipeline import build_eval_loader
+from dataloading.eval import build_eval_loader
 from engine.evaluation.probes import linear_probe, low_shot_probe
 
 
@@ -122,10 +122,7 @@ def split_features(backbone: nn.Module | None, cfg, device: torch.device | str =
         if cached is not None:
             features[split] = cached
             continue
-        loader = build_eval_loader(shards, size=size, channels=cfg.data.channels, mean=cfg.data.mean,
-                                   std=cfg.data.std, batch_size=cfg.eval.batch_size, num_threads=cfg.data.num_threads,
-                                   device=device.type,
-                                   device_id=(device.index or 0) if device.type == "cuda" else None)
+        loader = build_eval_loader(cfg.data, shards, size=size, batch_size=cfg.eval.batch_size, device=device)
         features[split] = extract_features(backbone, loader, device, cfg.model.channels_last, desc=f"{split} features")
         if cache:
             cache.save(cache_path, *features[split])

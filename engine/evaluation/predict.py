@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from dataloading.pipeline import image_file_batches, matching_class_names
+from dataloading.config import DataConfig
+from dataloading.eval import image_file_batches
+from dataloading.shards import matching_class_names
 from engine.evaluation.classifier import Classifier, load_classifier, save_classifier
 from engine.evaluation.evaluate import FeatureCache, split_features
 from engine.models.weights import backbone_from_weights, read_weights
@@ -61,8 +63,8 @@ def predict(model_path: str | Path, inputs: list[str | Path], top_k: int = 5, ba
     classifier, meta = load_classifier(model_path)
     names = meta["class_names"] or [str(i) for i in range(meta["num_classes"])]
     files = image_files(inputs)
-    batches = image_file_batches(files, size=meta["image_size"], channels=meta["in_chans"], mean=meta["mean"],
-                                 std=meta["std"], batch_size=batch_size)
+    preprocessing = DataConfig(channels=meta["in_chans"], mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    batches = image_file_batches(files, preprocessing, size=meta["image_size"], batch_size=batch_size)
     results = []
     for start, images in zip(range(0, len(files), batch_size), batches):
         top = classifier(images).softmax(dim=1).topk(min(top_k, len(names)), dim=1)

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataloading.pipeline import build_eval_loader, matching_class_names
+from dataloading.eval import build_eval_loader
+from dataloading.shards import matching_class_names
 from dataloading.supervised import build_supervised_loader
 from engine.config import Config, ConfigError, load_config
 from engine.distributed import launched_arguments, run_rank_and_exit
@@ -63,12 +64,9 @@ class Finetuner:
         self.engine = self.runtime.initialize(model, build_optimizer(model, optim))
         self.model = self.engine.module
         self.lr = lr_schedule(ft.steps, ft.lr * self.runtime.images_per_step / 256, ft.warmup_steps, final_fraction=0.0)
-        cuda = self.dist.device.type == "cuda"
         self.loader = build_supervised_loader(
-            ft.train_shards, size=ft.image_size, scale=ft.crop_scale, channels=cfg.data.channels, mean=cfg.data.mean,
-            std=cfg.data.std, batch_size=ft.batch_size, num_threads=cfg.data.num_threads, seed=ft.seed,
-            shard_id=self.dist.rank, num_shards=self.dist.world_size, device=self.dist.device.type,
-            device_id=self.dist.local_rank if cuda else None,
+            cfg.data, ft.train_shards, size=ft.image_size, scale=ft.crop_scale, batch_size=ft.batch_size,
+            seed=ft.seed, shard_id=self.dist.rank, num_shards=self.dist.world_size, device=self.dist.device,
         )
         self.classifier: Classifier | None = None  # the trained model as a plain module, after train()
         self.metrics = self.runtime.start_run_folder(cfg.to_dict(), weights=weights)
@@ -130,13 +128,10 @@ class Finetuner:
 
     def top1_on_test(self, classifier: Classifier) -> float:
         """Top-1 on finetune.test_shards; each rank classifies its part, the counts are summed over ranks."""
-        ft, data = self.cfg.finetune, self.cfg.data
-        cuda = self.dist.device.type == "cuda"
+        ft = self.cfg.finetune
         loader = build_eval_loader(
-            ft.test_shards, size=ft.image_size, channels=data.channels, mean=data.mean, std=data.std,
-            batch_size=ft.batch_size, num_threads=data.num_threads, shard_id=self.dist.rank,
-            num_shards=self.dist.world_size, device=self.dist.device.type,
-            device_id=self.dist.local_rank if cuda else None,
+            self.cfg.data, ft.test_shards, size=ft.image_size, batch_size=ft.batch_size, shard_id=self.dist.rank,
+            num_shards=self.dist.world_size, device=self.dist.device,
         )
         counts = count_correct(classifier, loader, self.dist.device, progress=self.dist.is_main and ft.progress)
         if self.dist.world_size > 1:

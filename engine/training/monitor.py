@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from dataloading.pipeline import build_eval_loader, class_names, read_manifest
+from dataloading.eval import build_eval_loader
+from dataloading.shards import class_names, read_manifest
 from engine.config import Config, MonitorConfig
 from engine.distributed import DistInfo
 from engine.evaluation.evaluate import extract_features, knn_top1
@@ -88,10 +89,8 @@ class OnlineKnn:
         # of an unfinished pass before the next one can start.
         max_samples = cfg.monitor.knn_max_samples
         parts = math.ceil(manifest["kept"] / max_samples) if max_samples else 1
-        return build_eval_loader(shards, size=cfg.eval.image_size, channels=cfg.data.channels, mean=cfg.data.mean,
-                                 std=cfg.data.std, batch_size=cfg.eval.batch_size, num_threads=cfg.data.num_threads,
-                                 shard_id=0, num_shards=parts, device=self.device.type,
-                                 device_id=self.device.index if self.device.type == "cuda" else None)
+        return build_eval_loader(cfg.data, shards, size=cfg.eval.image_size, batch_size=cfg.eval.batch_size,
+                                 shard_id=0, num_shards=parts, device=self.device)
 
     def __call__(self, backbone: nn.Module) -> float:
         was_training = backbone.training

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dataloading.pipeline import build_train_loader
+from dataloading.multicrop import build_train_loader
 from engine.config import Config, load_config
 from engine.distributed import launched_arguments, run_rank_and_exit
 from engine.models.batchnorm import batch_norm_group
@@ -71,8 +71,7 @@ class Pretrainer(SwAVTraining):
         self.output_dir = runtime.output_dir
         self.loader = build_train_loader(
             cfg.data, batch_size=cfg.train.batch_size, shard_id=self.dist.rank, num_shards=self.dist.world_size,
-            device=self.dist.device.type, device_id=self.dist.local_rank if self.dist.device.type == "cuda" else None,
-            channels_last=runtime.memory_format == torch.channels_last,
+            device=self.dist.device, channels_last=runtime.memory_format == torch.channels_last,
         )
         self.step = 0
         self.metrics = runtime.start_run_folder(cfg.to_dict())
