@@ -32,7 +32,7 @@ class ModelConfig:
     head_hidden_dims: list[int] = field(default_factory=lambda: [8192, 8192])  # SEER: feat -> 8192 -> 8192 -> 256
     head_batch_norm: bool = False  # SEER's head has no BN; SwAV RN50's has
     embedding_dim: int = 256
-    num_prototypes: int = 16000
+    num_prototypes: int | list[int] = 16000  # K; a list gives several prototype heads (VISSL: [3000, 3000, 3000])
     # NHWC activations: faster convolutions on CPU and on tensor cores; not applicable under ZeRO >= 1 (SEER's ZeRO-2)
     channels_last: bool = False
     init_weights: str = ""  # backbone weights to start from: timm-format .safetensors or backbone_*.pt; "" = random
@@ -47,6 +47,11 @@ class SwAVConfig:
     sinkhorn_iterations: int = 10  # SwAV: 3
     crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])  # indices in crop-major order
     freeze_prototypes_steps: int = 313  # prototypes get no update for this many first steps (SwAV: 1 epoch at 4096)
+    # Past embeddings of the assigned crops that join each Sinkhorn batch, in total over ranks (each rank keeps
+    # queue_length / world size); needed when the global assigned rows per step are fewer than the prototypes
+    # (SwAV at batch 256: 3,840 with 3,000 prototypes). 0 = no queue.
+    queue_length: int = 0
+    queue_start_step: int = 0  # the queue fills from this step on and joins Sinkhorn once full (SwAV: epoch 15)
     backend: str = "auto"  # kernels backend: auto | torch | triton
 
 
@@ -154,6 +159,12 @@ class Config:
     def n_crops(self) -> int:
         return sum(group.count for group in self.data.crops)
 
+    @property
+    def prototype_heads(self) -> list[int]:
+        """K of every prototype head."""
+        k = self.model.num_prototypes
+        return [k] if isinstance(k, int) else list(k)
+
     def to_dict(self) -> dict:
         """Plain lists and scalars (tuples become lists), ready for YAML or JSON."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -171,18 +182,39 @@ def config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path} (packaged configs, by name: {names})")
 
 
+def read_delta(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The keys a config file sets, over those of the file its `base:` names (a path or packaged name, relative
+    paths from the file's folder), if any."""
+    path = config_path(path)
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} names itself as a base, through {' -> '.join(map(str, seen))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must name one config file, got {base!r}")
+    relative = path.parent / base
+    return _merged(read_delta(relative if relative.is_file() else base, (*seen, path.resolve())), raw)
+
+
+def _merged(base: dict, delta: dict) -> dict:
+    """`delta` over `base`, section by section (a list or scalar in `delta` replaces the base's)."""
+    out = dict(base)
+    for key, value in delta.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """The defaults (SEER's recipe), then the YAML delta at `path` (a file or a packaged name; None: none), then
     `section.key=value` overrides."""
-    raw = {}
-    if path is not None:
-        path = config_path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = read_delta(path) if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -191,6 +223,29 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     cfg = _build(Config, raw, prefix="")
     _check(cfg)
     return cfg
+
+
+def sinkhorn_rows(cfg: Config, world_size: int) -> int:
+    """Samples Sinkhorn spreads over the prototypes per step: every assigned crop's rows over all ranks, and the
+    queue's."""
+    return len(cfg.swav.crops_for_assign) * (world_size * cfg.train.batch_size + cfg.swav.queue_length)
+
+
+def small_batch_advice(cfg: Config, world_size: int) -> str | None:
+    """Why the equal-partition constraint means little at this world size, and the queue length that fixes it;
+    None when the Sinkhorn batch covers the prototypes."""
+    rows, k = sinkhorn_rows(cfg, world_size), max(cfg.prototype_heads)
+    if rows >= k:
+        return None
+    assign = len(cfg.swav.crops_for_assign)
+    needed = -(-k // assign) - world_size * cfg.train.batch_size  # per assigned crop, in total over ranks
+    needed = -(-needed // world_size) * world_size  # each rank keeps an equal share
+    return (f"Sinkhorn spreads {rows:,} samples per step ({assign} assigned crops x ({world_size} rank(s) x "
+            f"train.batch_size {cfg.train.batch_size} + swav.queue_length {cfg.swav.queue_length:,})) over {k:,} "
+            f"prototypes: "
+            f"fewer samples than prototypes make the equal partition meaningless and training degenerates; set "
+            f"swav.queue_length={needed} or more (a multiple of {world_size}), or fewer "
+            f"model.num_prototypes")
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -234,7 +289,13 @@ def _coerce(kind, value, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _coerce(next(a for a in args if a is not type(None)), value, key)
+        alternatives = [a for a in args if a is not type(None)]
+        for alternative in alternatives[:-1]:
+            try:
+                return _coerce(alternative, value, key)
+            except ConfigError:
+                pass
+        return _coerce(alternatives[-1], value, key)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):
@@ -272,8 +333,11 @@ def _check(cfg: Config) -> None:
     need(model.sync_bn_group_size >= 1, f"model.sync_bn_group_size must be >= 1, got {model.sync_bn_group_size}")
     need(model.activation_checkpointing in ("none", "block", "stage"),
          f"model.activation_checkpointing must be none, block or stage, got {model.activation_checkpointing!r}")
-    need(model.num_prototypes >= 2 and model.embedding_dim > 0,
-         "model.num_prototypes must be >= 2 and model.embedding_dim > 0")
+    need(len(cfg.prototype_heads) >= 1 and all(k >= 2 for k in cfg.prototype_heads) and model.embedding_dim > 0,
+         f"model.num_prototypes must be >= 2 (or a list of such, one per head) and model.embedding_dim > 0, got "
+         f"{model.num_prototypes} and {model.embedding_dim}")
+    need(swav.queue_length >= 0 and swav.queue_start_step >= 0,
+         "swav.queue_length (0 = no queue) and swav.queue_start_step must be >= 0")
     need(optim.name in ("lars", "sgd"), f"optim.name must be lars or sgd, got {optim.name!r}")
     need(optim.lr > 0 and 0 <= optim.final_lr_fraction <= 1, "optim.lr must be > 0 and optim.final_lr_fraction in [0, 1]")
     need(optim.warmup_steps >= 0 and optim.weight_decay >= 0 and optim.gradient_clipping >= 0,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from dataloading.pack import pack
 from engine.config import load_config
 from engine.evaluation.evaluate import evaluate
 from engine.models.weights import load_backbone_weights
-from engine.training.metrics import plot_loss, run_records
+from engine.training.metrics import plot_loss, run_records, uniform_loss
 from engine.training.pretrain import pretrain
 
 SOURCE_SIZE = 28  # Fashion-MNIST images are 28x28: raw-pixel kNN uses them as they are
@@ -68,7 +67,7 @@ def run_demo(overrides: list[str] = ()) -> dict:
         **accuracy,
         "final_loss": losses[-1],
         "first_loss": losses[0],
-        "ln_k": math.log(cfg.model.num_prototypes),
+        "ln_k": uniform_loss(cfg.model.num_prototypes),
         "wall_seconds": wall_seconds,
         "pretrain_seconds": pretrain_seconds,
         "pack_seconds": pack_seconds,

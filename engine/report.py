@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.training.metrics import plot_loss, plot_series, run_records
+from engine.training.metrics import plot_loss, plot_series, run_records, uniform_loss
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -24,14 +24,15 @@ def write_report(run_dir: str | Path) -> Path:
     if not records:
         raise ValueError(f"{metrics_path} holds no training records yet (one is written every train.log_every steps)")
     config = yaml.safe_load(config_path.read_text())
-    k = config["model"]["num_prototypes"]
+    heads = config["model"]["num_prototypes"]
+    k = heads if isinstance(heads, int) else heads[0]  # usage fields without a _head suffix are the one head's
     steps = [r["step"] for r in records]
 
     def series(key: str) -> tuple[list[int], list[float]]:
         kept = [r for r in records if key in r]
         return [r["step"] for r in kept], [r[key] for r in kept]
 
-    plots = {"loss and learning rate": plot_loss(records, run_dir / "loss.png", k),
+    plots = {"loss and learning rate": plot_loss(records, run_dir / "loss.png", heads),
              "throughput": plot_series(run_dir / "throughput.png", {"images/s": series("img_per_s")}, "images / s")}
     if "proto_used" in records[-1]:
         used_steps, entropies = series("proto_entropy")
@@ -45,7 +46,7 @@ def write_report(run_dir: str | Path) -> Path:
         plots["online kNN top-1"] = plot_series(run_dir / "knn.png", {"online kNN top-1": (knn_steps, knn)}, "top-1")
 
     first, last = records[0], records[-1]
-    ln_k = math.log(k)
+    ln_k = uniform_loss(heads)
     # Overall images/s: each window's time is its steps / its rate (up to the global batch, which cancels).
     windows = [step - previous for previous, step in zip([0, *steps[:-1]], steps)]
     mean_rate = sum(windows) / sum(w / r["img_per_s"] for w, r in zip(windows, records))
@@ -57,7 +58,7 @@ def write_report(run_dir: str | Path) -> Path:
         ("steps logged", f"{steps[0]} - {steps[-1]} ({len(records)} records; {config['train']['steps']} planned)"),
         (f"loss at step {first['step']}", f"{first['loss']:.4f} ({first['loss'] / ln_k:.3f} ln K)"),
         (f"loss at step {last['step']}", f"{last['loss']:.4f} ({last['loss'] / ln_k:.3f} ln K)"),
-        ("ln K", f"{ln_k:.4f} (K = {k} prototypes: the loss of uniform predictions)"),
+        ("ln K", f"{ln_k:.4f} (K = {heads} prototypes: the loss of uniform predictions)"),
         ("images seen", images),
         ("throughput over the run", f"{mean_rate:,.0f} images/s"),
     ]

@@ -263,6 +263,19 @@ def test_two_ranks_resume_on_one_rank(shards, tmp_path):
         assert_same(continued["state"], reference["continued"]["state"], 1e-4, f"zero{stage} continued")
         assert_same(continued["momentum"], reference["continued"]["momentum"], 1e-4, f"zero{stage} continued momentum")
 
+    # Half the global batch on one rank: the lr (per 256 images) halves, and the warning says so; images_seen
+    # continues from the 2-rank run's count instead of restarting from step x the new batch.
+    with pytest.warns(CheckpointWarning) as caught:
+        trainer = Pretrainer(tiny_config(shards, tmp_path / "zero0", *CHANGED_WORLD, "train.batch_size=8"))
+    try:
+        messages = " | ".join(str(w.message) for w in caught)
+        peak = trainer.cfg.optim.lr / 256
+        assert "the global batch changes from 16 to 8 images per step" in messages
+        assert f"the peak learning rate goes from {peak * 16:g} to {peak * 8:g}" in messages
+        assert trainer.images_seen(WARM_STEPS) == WARM_STEPS * 16 and trainer.images_seen(WARM_STEPS + 2) == 64
+    finally:
+        trainer.close()
+
 
 if __name__ == "__main__":
     import traceback
@@ -277,3 +290,4 @@ if __name__ == "__main__":
         traceback.print_exc()
         code = 1
     shutdown_and_exit(code)
+

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from engine.config import CONFIGS, Config, ConfigError, load_config
+from engine.config import CONFIGS, Config, ConfigError, load_config, sinkhorn_rows, small_batch_advice
 
 
 def test_defaults_are_seers_recipe():
@@ -32,7 +32,8 @@ def test_packaged_configs_are_true_deltas(path):
     delta = yaml.safe_load(path.read_text())
     loaded = load_config(path.stem)  # found by name, as `--config demo`
     assert loaded == load_config(path)
-    defaults = Config().to_dict()
+    base = delta.pop("base", None)
+    defaults = (load_config(base) if base else Config()).to_dict()
     for key, _ in _leaves(delta):
         section, *rest = key.split(".")
         default, value = defaults[section], loaded.to_dict()[section]
@@ -117,3 +118,35 @@ def test_exponent_without_a_dot_is_a_float():
     assert load_config(None, ["optim.weight_decay=1e-3"]).optim.weight_decay == 0.001  # YAML 1.1 says: a string
     with pytest.raises(ConfigError, match="optim.weight_decay"):
         load_config(None, ["optim.weight_decay=small"])
+
+
+def test_a_delta_can_build_on_another(tmp_path):
+    one_node = load_config("seer_regnety_256gf_1node")
+    assert one_node.data.train_shards == load_config("seer_regnety_256gf").data.train_shards  # from its base
+    assert (one_node.train.batch_size, one_node.swav.queue_length) == (64, 7680)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {steps: 5}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="names itself as a base"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_small_batch_guard():
+    """SEER's 16,000 prototypes need SEER's batch: 8 ranks x 64 images are told the queue length that fixes it."""
+    seer = load_config("seer_regnety_256gf", ["train.batch_size=64"])
+    assert sinkhorn_rows(seer, 8) == 2 * 8 * 64 and sinkhorn_rows(seer, 512) == 2 * 512 * 64
+    advice = small_batch_advice(seer, 8)
+    assert "1,024 samples" in advice and "16,000 prototypes" in advice and "swav.queue_length=7488" in advice
+    assert small_batch_advice(seer, 512) is None
+    fixed = load_config("seer_regnety_256gf", ["train.batch_size=64", "swav.queue_length=7488"])
+    assert sinkhorn_rows(fixed, 8) >= 16000 and small_batch_advice(fixed, 8) is None
+    assert small_batch_advice(load_config("seer_regnety_256gf_1node"), 8) is None
+    assert small_batch_advice(load_config("demo"), 1) is None  # 2 x 256 rows over 300 prototypes
+
+
+def test_several_prototype_heads_and_the_queue_keys():
+    cfg = load_config("demo", ["model.num_prototypes=[30, 40]", "swav.queue_length=64"])
+    assert cfg.prototype_heads == [30, 40] and load_config("demo").prototype_heads == [300]
+    with pytest.raises(ConfigError, match="model.num_prototypes must be >= 2"):
+        load_config("demo", ["model.num_prototypes=[30, 1]"])
+    with pytest.raises(ConfigError, match="swav.queue_length"):
+        load_config("demo", ["swav.queue_length=-1"])

@@ -31,20 +31,26 @@ class SwAVLoss:
         return cls(tuple(swav.crops_for_assign), swav.temperature, swav.epsilon, swav.sinkhorn_iterations,
                    swav.backend, group)
 
-    def __call__(self, embeddings: torch.Tensor, prototypes: torch.Tensor, n_crops: int) -> torch.Tensor:
+    def __call__(self, embeddings: torch.Tensor, prototypes: torch.Tensor, n_crops: int,
+                 queue: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.swav_loss(embeddings, prototypes, n_crops=n_crops, crops_for_assign=self.crops_for_assign,
                                  temperature=self.temperature, epsilon=self.epsilon,
-                                 sinkhorn_iterations=self.sinkhorn_iterations, group=self.group, backend=self.backend)
+                                 sinkhorn_iterations=self.sinkhorn_iterations, group=self.group, backend=self.backend,
+                                 queue=queue)
 
 
 class SwAVHead(nn.Module):
-    """Projection MLP + prototypes; forward returns the SwAV loss of the multi-crop batch's features.
+    """Projection MLP, one or several prototype heads, and this rank's queue of past embeddings; forward returns
+    the SwAV loss of a multi-crop batch's features (the mean over heads).
 
     The loss is computed here, inside the module that owns the prototypes, so that ZeRO-3 has them gathered.
+    The queue (SwAV's, for batches smaller than the prototype count) holds the assigned crops' latest embeddings:
+    filled once `queue_started` is set, it enters Sinkhorn once full. It is a per-rank buffer outside the state dict
+    (rank 0's copy is not every rank's); the trainer checkpoints it per rank.
     """
 
-    def __init__(self, in_dim: int, hidden_dims: list[int], embedding_dim: int, num_prototypes: int,
-                 batch_norm: bool, loss: SwAVLoss):
+    def __init__(self, in_dim: int, hidden_dims: list[int], embedding_dim: int, num_prototypes: int | list[int],
+                 batch_norm: bool, loss: SwAVLoss, queue_length: int = 0):
         super().__init__()
         layers: list[nn.Module] = []
         for width in hidden_dims:
@@ -54,35 +60,74 @@ class SwAVHead(nn.Module):
             in_dim = width
         layers.append(nn.Linear(in_dim, embedding_dim))
         self.projection = nn.Sequential(*layers)
+        self.heads = [num_prototypes] if isinstance(num_prototypes, int) else list(num_prototypes)
         # Unit-norm rows, kept in fp32 whatever the compute dtype; normalize_prototypes() after every optimizer step.
-        self.prototypes = nn.Parameter(F.normalize(torch.randn(num_prototypes, embedding_dim), dim=1))
+        self.prototypes = nn.ParameterList(
+            nn.Parameter(F.normalize(torch.randn(k, embedding_dim), dim=1)) for k in self.heads)
         self.loss = loss
-        self.num_prototypes = num_prototypes
-        # Histogram of the assigned crops' nearest prototypes over the training forwards since the last
-        # take_assignment_counts(): the collapse monitor's prototype-usage statistics (engine/training/monitor.py).
-        self.assignment_counts: torch.Tensor | None = None
+        self.register_buffer("queue", torch.zeros(len(loss.crops_for_assign), queue_length, embedding_dim),
+                             persistent=False)
+        self.queue_filled = 0  # rows of the queue holding embeddings
+        self.queue_started = False
+        # Histograms of the assigned crops' nearest prototypes (one per head) over the training forwards since the
+        # last take_assignment_counts(): the collapse monitor's prototype-usage statistics (engine/training/monitor.py).
+        self.assignment_counts: list[torch.Tensor] | None = None
+        self.head_losses: list[torch.Tensor] = []  # of the last forward, detached
 
     def forward(self, features: torch.Tensor, n_crops: int) -> torch.Tensor:
         embeddings = self.projection(features)
+        queue = self.queue if self.queue.shape[1] and self.queue_filled == self.queue.shape[1] else None
+        losses = [self.loss(embeddings, p, n_crops, queue) for p in self.prototypes]
         if self.training:
             self._count_assignments(embeddings.detach(), n_crops)
-        return self.loss(embeddings, self.prototypes, n_crops)
+            if self.queue_started:
+                self._enqueue(embeddings.detach(), n_crops)
+        self.head_losses = [loss.detach() for loss in losses]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+    def _assigned(self, embeddings: torch.Tensor, n_crops: int) -> torch.Tensor:
+        """The assigned crops' rows: n_assign x B x D."""
+        return embeddings.view(n_crops, -1, embeddings.shape[1])[list(self.loss.crops_for_assign)]
+
+    @torch.no_grad()
+    def _enqueue(self, embeddings: torch.Tensor, n_crops: int) -> None:
+        """First in, first out: the newest embeddings at the front (their normalization is the loss's)."""
+        length = self.queue.shape[1]
+        if length == 0:
+            return
+        new = self._assigned(embeddings, n_crops)[:, :length].to(self.queue.dtype)
+        self.queue.copy_(torch.cat([new, self.queue[:, :length - new.shape[1]]], dim=1))
+        self.queue_filled = min(length, self.queue_filled + new.shape[1])
 
     @torch.no_grad()
     def _count_assignments(self, embeddings: torch.Tensor, n_crops: int) -> None:
         # Here, not in the loss kernels: under ZeRO-3 the prototypes are gathered only during this forward. One
-        # (assigned crops x B) x K score matrix, small next to the backbone.
-        assigned = embeddings.view(n_crops, -1, embeddings.shape[1])[list(self.loss.crops_for_assign)]
-        nearest = (F.normalize(assigned.flatten(0, 1).float(), dim=1) @ self.prototypes.float().T).argmax(dim=1)
-        # Not bincount: on CUDA it reads the largest index on the host to size its output, a sync every step.
-        counts = torch.zeros(self.num_prototypes, dtype=torch.long, device=nearest.device)
-        counts.index_add_(0, nearest, torch.ones_like(nearest))
-        self.assignment_counts = counts if self.assignment_counts is None else self.assignment_counts + counts
+        # (assigned crops x B) x K score matrix per head, small next to the backbone.
+        assigned = F.normalize(self._assigned(embeddings, n_crops).flatten(0, 1).float(), dim=1)
+        counts = []
+        for prototypes in self.prototypes:
+            nearest = (assigned @ prototypes.float().T).argmax(dim=1)
+            # Not bincount: on CUDA it reads the largest index on the host to size its output, a sync every step.
+            head_counts = torch.zeros(prototypes.shape[0], dtype=torch.long, device=nearest.device)
+            counts.append(head_counts.index_add_(0, nearest, torch.ones_like(nearest)))
+        if self.assignment_counts is not None:
+            counts = [a + b for a, b in zip(self.assignment_counts, counts)]
+        self.assignment_counts = counts
 
-    def take_assignment_counts(self) -> torch.Tensor | None:
-        """This rank's assignment histogram (K int64 counts; None if no training forward ran) and a reset."""
+    def take_assignment_counts(self) -> list[torch.Tensor] | None:
+        """This rank's assignment histograms (per head, K int64 counts; None if no training forward ran), reset."""
         counts, self.assignment_counts = self.assignment_counts, None
         return counts
+
+    def queue_state(self) -> dict:
+        return {"queue": self.queue.detach().cpu().clone(), "queue_filled": self.queue_filled}
+
+    def load_queue_state(self, state: dict) -> None:
+        if tuple(state["queue"].shape) != tuple(self.queue.shape):
+            raise ValueError(f"the checkpoint's queue has shape {tuple(state['queue'].shape)}, this run's "
+                             f"{tuple(self.queue.shape)} (swav.queue_length or the world size changed)")
+        self.queue.copy_(state["queue"])
+        self.queue_filled = state["queue_filled"]
 
     @torch.no_grad()
     def normalize_prototypes(self, zero_stage: int = 0) -> None:
@@ -92,15 +137,17 @@ class SwAVHead(nn.Module):
         change of the module's tensor alone would be lost at the next step; under ZeRO-3 the rows are partitioned.
         """
         if zero_stage == 0:
-            self.prototypes.copy_(F.normalize(self.prototypes.float(), dim=1))
+            for prototypes in self.prototypes:
+                prototypes.copy_(F.normalize(prototypes.float(), dim=1))
             return
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        with deepspeed.zero.GatheredParameters([self.prototypes], modifier_rank=0, enabled=zero_stage == 3):
-            value = F.normalize(self.prototypes.detach().float(), dim=1)
-            self.prototypes.copy_(value)
-        safe_set_full_fp32_param(self.prototypes, value)
+        for prototypes in self.prototypes:
+            with deepspeed.zero.GatheredParameters([prototypes], modifier_rank=0, enabled=zero_stage == 3):
+                value = F.normalize(prototypes.detach().float(), dim=1)
+                prototypes.copy_(value)
+            safe_set_full_fp32_param(prototypes, value)
 
 
 class SwAVModel(nn.Module):
@@ -129,9 +176,10 @@ class SwAVModel(nn.Module):
         return self.head(torch.cat(features).float(), n_crops=len(crops))
 
 
-def build_swav_model(cfg, group=None, bn_group=None) -> SwAVModel:
+def build_swav_model(cfg, group=None, bn_group=None, queue_length: int = 0) -> SwAVModel:
     """The SwAV model described by a Config (engine.config); `group` spans the ranks Sinkhorn balances over,
-    `bn_group` the ranks sharing BatchNorm statistics (engine.models.batchnorm.batch_norm_group; None: per rank)."""
+    `bn_group` the ranks sharing BatchNorm statistics (engine.models.batchnorm.batch_norm_group; None: per rank);
+    `queue_length`: this rank's share of swav.queue_length."""
     backbone = build_backbone(cfg.model.backbone, in_chans=cfg.data.channels)
     enable_activation_checkpointing(backbone, cfg.model.activation_checkpointing)
     if cfg.model.init_weights:
@@ -143,5 +191,6 @@ def build_swav_model(cfg, group=None, bn_group=None) -> SwAVModel:
             load_weights_into(backbone, read_weights(cfg.model.init_weights),
                               f"backbone {cfg.model.backbone} (in_chans={cfg.data.channels})", label="model.init_weights")
     head = SwAVHead(backbone.num_features, cfg.model.head_hidden_dims, cfg.model.embedding_dim,
-                    cfg.model.num_prototypes, cfg.model.head_batch_norm, SwAVLoss.from_config(cfg.swav, group))
+                    cfg.model.num_prototypes, cfg.model.head_batch_norm, SwAVLoss.from_config(cfg.swav, group),
+                    queue_length)
     return sync_batch_norm(SwAVModel(backbone, head, channels_last=cfg.model.channels_last), bn_group)

@@ -255,8 +255,8 @@ class Checkpointer:
             return torch.load(tag_dir / f"trainer_rank{self.rank:05d}.pt", weights_only=False)
         self._warn(f"checkpoint {tag_dir} was written by {saved['world_size']} rank(s) at ZeRO stage "
                    f"{saved['zero_stage']}; resuming with {current['world_size']} at stage {current['zero_stage']}: "
-                   f"weights, momentum, BatchNorm statistics and the step carry over exactly, the data loader starts "
-                   f"a new pass over the data for the new rank layout")
+                   f"weights, momentum, BatchNorm statistics and the step carry over exactly; the data loader starts "
+                   f"a new pass over the data for the new rank layout, and the RNG restarts from train.seed")
         apply_consolidated(engine, consolidate(tag_dir, manifest))
         state = torch.load(tag_dir / "trainer_rank00000.pt", weights_only=False)
         return {**state, "resharded_from": saved}

@@ -112,17 +112,21 @@ class TrainingMonitor:
     def __init__(self, cfg: Config, dist_info: DistInfo, model: nn.Module, start_step: int = 0):
         self.cfg, self.model, self.last_step = cfg, model, start_step
         warn = (lambda message: tqdm.write(message, file=sys.stderr)) if dist_info.is_main else None
-        self.collapse = CollapseMonitor(cfg.monitor, cfg.model.num_prototypes, warn)
+        self.collapse = [CollapseMonitor(cfg.monitor, k, warn) for k in cfg.prototype_heads]
         every = cfg.monitor.knn_every
         self.knn = (OnlineKnn(cfg, dist_info.device, model.memory_format == torch.channels_last)
                     if every and start_step // every < cfg.train.steps // every else None)
 
-    def record(self, step: int, loss: float) -> dict[str, float]:
-        """Every rank calls this at each metrics record: the prototype histograms are summed over ranks."""
-        counts = self.model.head.take_assignment_counts()
+    def record(self, step: int, losses: list[float]) -> dict[str, float]:
+        """Every rank calls this at each metrics record, with the window's loss of each prototype head: the prototype
+        histograms are summed over ranks. With several heads each head's fields end in _head<i>."""
+        counts = torch.cat(self.model.head.take_assignment_counts())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)
-        values = self.collapse.update(step, loss, counts.cpu())
+        values, heads = {}, counts.cpu().split([m.num_prototypes for m in self.collapse])
+        for i, (monitor, loss, head_counts) in enumerate(zip(self.collapse, losses, heads)):
+            suffix = f"_head{i}" if len(self.collapse) > 1 else ""
+            values.update({name + suffix: v for name, v in monitor.update(step, loss, head_counts).items()})
         every = self.cfg.monitor.knn_every
         if self.knn is not None and step // every > self.last_step // every:  # a multiple of knn_every was passed
             # On every rank: under ZeRO-3 the forward gathers parameters collectively, and in the other stages the

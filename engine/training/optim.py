@@ -273,7 +273,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, exclude_bias_and_nor
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("prototypes"):
+        if name.split(".")[-1] == "prototypes" or ".prototypes." in name:  # one head, or head i: prototypes.i
             groups[PROTOTYPES].append(p)
         elif exclude_bias_and_norm and len(getattr(p, "ds_shape", p.shape)) <= 1:  # ds_shape: under ZeRO-3's
             groups[NO_DECAY].append(p)                                               # zero.Init, p is empty

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from dataloading.multicrop import build_train_loader
-from engine.config import Config, load_config
+from engine.config import Config, ConfigError, load_config, small_batch_advice
 from engine.distributed import launched_arguments, run_rank_and_exit
 from engine.models.batchnorm import batch_norm_group
 from engine.models.swav import build_swav_model
 from engine.training import loop
-from engine.training.checkpoint import Checkpointer
+from engine.training.checkpoint import Checkpointer, CheckpointWarning
 from engine.training.monitor import TrainingMonitor
 from engine.training.optim import build_optimizer, schedules
 from engine.training.runtime import Runtime
@@ -30,28 +31,50 @@ class SwAVTraining:
 
     def __init__(self, cfg: Config, runtime: Runtime):
         self.cfg, self.runtime, self.dist = cfg, runtime, runtime.dist
+        queue_length = cfg.swav.queue_length // self.dist.world_size
+        if queue_length * self.dist.world_size != cfg.swav.queue_length:
+            raise ConfigError(f"swav.queue_length={cfg.swav.queue_length} is the total over ranks and must be a "
+                              f"multiple of the world size ({self.dist.world_size})")
+        advice = small_batch_advice(cfg, self.dist.world_size)
+        if advice and self.dist.is_main:
+            warnings.warn(advice, stacklevel=2)
         torch.manual_seed(cfg.train.seed)
         with runtime.building():
-            model = build_swav_model(cfg, group=self.dist.group, bn_group=batch_norm_group(cfg.model.sync_bn_group_size))
+            model = build_swav_model(cfg, group=self.dist.group, queue_length=queue_length,
+                                     bn_group=batch_norm_group(cfg.model.sync_bn_group_size))
         optimizer = build_optimizer(model, cfg.optim)
         self.engine = runtime.initialize(model, optimizer)
         optimizer.attach_zero_layout(self.engine)  # LARS norms of whole parameters, not of ZeRO's partitions
         self.model = self.engine.module
         self.model.memory_format = runtime.memory_format
         self.lr = schedules(cfg, runtime.images_per_step)
+        self.resumed_at = (0, 0)  # (step, images seen): where this process took over the run
 
     def train_step(self, step: int, batch: dict) -> dict[str, torch.Tensor]:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.lr[group["name"]][step]
+        head = self.model.head
+        head.queue_started = step >= self.cfg.swav.queue_start_step
         with self.runtime.autocast():
             loss = self.engine(batch["crops"])
         self.engine.backward(loss)
         self.engine.step()
-        self.model.head.normalize_prototypes(self.cfg.train.zero_stage)
-        return {"loss": loss}
+        head.normalize_prototypes(self.cfg.train.zero_stage)
+        several = len(head.head_losses) > 1
+        return {"loss": loss, **({f"loss_head{i}": x for i, x in enumerate(head.head_losses)} if several else {})}
+
+    def head_losses(self, means: dict[str, float]) -> list[float]:
+        """The window's loss of each prototype head."""
+        n = len(self.model.head.heads)
+        return [means[f"loss_head{i}"] for i in range(n)] if n > 1 else [means["loss"]]
+
+    def images_seen(self, step: int) -> int:
+        """Images the run has trained on after `step` steps, over every world size it ran at."""
+        step0, images0 = self.resumed_at
+        return images0 + (step - step0) * self.runtime.images_per_step
 
     def record(self, step: int, means: dict[str, float]) -> dict[str, float]:
-        return {"lr": self.lr["weights"][step - 1], "images_seen": step * self.runtime.images_per_step}
+        return {"lr": self.lr["weights"][step - 1], "images_seen": self.images_seen(step)}
 
     def after_step(self, step: int) -> None:
         pass
@@ -78,11 +101,18 @@ class Pretrainer(SwAVTraining):
         state = self.checkpointer.load(self.engine, resume_tag, cfg.to_dict()) if resume_tag else None
         if state is not None:
             self.step = state["step"]
+            # Checkpoints written before images_seen was recorded ran at one world size throughout.
+            self.resumed_at = (self.step, state.get("images_seen", self.step * runtime.images_per_step))
             if "resharded_from" in state:  # another world size or ZeRO stage: the loader starts a new pass
                 self.loader.epoch = state["loader"]["epoch"]
+                self._warn_new_batch(state["resharded_from"]["world_size"])
+                if self.model.head.queue.shape[1]:
+                    warnings.warn("the embedding queue starts empty: it was checkpointed at another world size",
+                                  CheckpointWarning, stacklevel=2)
             else:
                 self.loader.load_state_dict(state["loader"])
                 torch.set_rng_state(state["rng"])
+                self.model.head.load_queue_state(state)
         else:
             self.save_backbone(self.output_dir / "backbone_init.pt")
         self.monitor = TrainingMonitor(cfg, self.dist, self.model, start_step=self.step)
@@ -99,13 +129,25 @@ class Pretrainer(SwAVTraining):
     def record(self, step: int, means: dict[str, float]) -> dict[str, float]:
         record = {**super().record(step, means), "epoch": self.loader.epoch,
                   "bad_samples": self.loader.bad_samples}  # replaced by the loader's guard so far (this rank)
-        record.update(self.monitor.record(step, means["loss"]))  # after img/s: kNN time stays out of it
+        record.update(self.monitor.record(step, self.head_losses(means)))  # after img/s: kNN time stays out of it
         return record
 
     def after_step(self, step: int) -> None:
         self.step = step
         if step % self.cfg.train.checkpoint_every == 0 or step == self.cfg.train.steps:
             self.save_checkpoint()
+
+    def _warn_new_batch(self, saved_world_size: int) -> None:
+        """At another world size the global batch changes, and with it the lr (optim.lr is per 256 images)."""
+        saved, now = saved_world_size * self.cfg.train.batch_size, self.runtime.images_per_step
+        if saved != now and self.dist.is_main:
+            old, new = (self.cfg.optim.lr * batch / 256 for batch in (saved, now))
+            current = self.lr["weights"][min(self.step, len(self.lr["weights"]) - 1)]
+            warnings.warn(f"the global batch changes from {saved} to {now} images per step ({self.dist.world_size} "
+                          f"rank(s) x train.batch_size {self.cfg.train.batch_size}): the peak learning rate goes from "
+                          f"{old:g} to {new:g} (optim.lr={self.cfg.optim.lr:g} per 256 images; {current:g} at step "
+                          f"{self.step}); images_seen continues from {self.resumed_at[1]:,}",
+                          CheckpointWarning, stacklevel=3)
 
     def save_backbone(self, path: Path) -> None:
         """Backbone weights with timm's key names, plus what is needed to rebuild the network (rank 0 writes)."""
@@ -132,7 +174,8 @@ class Pretrainer(SwAVTraining):
 
     def save_checkpoint(self) -> None:
         self.checkpointer.save(self.engine, self.step,
-                               {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()},
+                               {"loader": self.loader.state_dict(), "rng": torch.get_rng_state(),
+                                "images_seen": self.images_seen(self.step), **self.model.head.queue_state()},
                                info={"config": self.cfg.to_dict()})
 
     def close(self) -> None:
