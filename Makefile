@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench-kernels: setup
-	$(PY) benchmarks/swav_head.py
+	$(PY) -m benchmarks.swav_head
 
 clean:
 	rm -rf runs .pytest_cache

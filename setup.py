@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="SEER-style self-supervised pretraining (SwAV + RegNetY) with Triton kernels, DALI and DeepSpeed",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine*", "kernels*", "dataloading*"]),
+    packages=find_packages(include=["engine*", "kernels*", "dataloading*", "benchmarks*"]),
     package_data={"engine": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",

@@ -3,7 +3,7 @@ recipe with the same number of CPU threads, side by side in one run.
 
     seer data tiles runs/tiles --count 2000 && seer data pack runs/tiles runs/tiles-shards --no-labels
     seer bench data runs/tiles-shards --threads 2                      # every provider, SEER's 6-crop recipe
-    python benchmarks/data.py runs/tiles-shards --threads 2            # the same, without `seer`
+    python -m benchmarks.data runs/tiles-shards --threads 2            # the same, without `seer`
 
 Recipe: the DataConfig defaults, i.e. SEER's: 2×224 px crops at scale 0.14-1 and 4×96 px at 0.05-0.14, 3 channels,
 colour jitter 0.8 (brightness, contrast, saturation 0.8, hue 0.2), grayscale 0.2, Gaussian blur 0.5 (sigma 0.1-2 px),
@@ -19,8 +19,9 @@ Each turn starts with --warmup untimed batches (the first also covers the build 
 empty the loader's queue (DataLoader: 2 batches per worker; DALI: 2; the default, 2 × threads + 3, is more), and
 ends with a pause as long as --warmup of its batches, in which the loader refills its queue without slowing the
 next provider. img/s = timed batches × batch size / their wall time; p20/p50/p80 of the time between batches.
-Records are appended to benchmarks/results/data_cpu.json, one per provider, with the command, the data (samples,
-mean image size and JPEG size), the guard's cost per image, machine, versions and commit.
+Records are appended to benchmarks/results/data_cpu.json under the current directory (or --out), one per provider,
+with the command, the data (samples, mean image size and JPEG size), the guard's cost per image, machine, versions and
+commit.
 """
 from __future__ import annotations
 
@@ -33,15 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from benchmarks.harness import RESULTS_DIR, append_records, environment, percentiles, script_main
 
-import torch  # noqa: E402
-from swav_head import append_records, environment, script_main  # noqa: E402  (one record schema)
-
-RESULTS = ROOT / "benchmarks" / "results"
 PROVIDERS = ("dali", "dali_guarded", "pillow")
 GUARD_SAMPLE = 256  # images on which the guard's cost per image is timed
 
@@ -84,7 +78,7 @@ def measure(providers, cfg, *, batch_size: int, batches: int, warmup: int, round
             time.sleep(warmup * statistics.median(turn))  # the loader refills its queue undisturbed
     for provider, loader in loaders.items():
         intervals = results[provider].pop("intervals")
-        q20, q50, q80 = (statistics.quantiles(intervals, n=10)[i] for i in (1, 4, 7)) if batches > 1 else intervals * 3
+        q20, q50, q80 = percentiles(intervals)
         results[provider].update(img_per_s=batches * batch_size / sum(intervals), batch_s_p20=q20, batch_s_p50=q50,
                                  batch_s_p80=q80, bad_samples=getattr(loader, "bad_samples", None))
     # DALI pipelines first: stopping DataLoader workers while DALI threads still refill their queues made a worker
@@ -120,6 +114,7 @@ def benchmark(shards: str, *, providers, threads: int, batch_size: int, batches:
               rounds: int) -> list[dict]:
     import nvidia.dali
     import PIL
+    import torch
     import torchvision
 
     from dataloading.config import DataConfig
@@ -162,7 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed batches at the start of each turn (default 2 x threads + 3: build, start-up, "
                              "queued batches)")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--out", type=Path, default=RESULTS / "data_cpu.json", help="JSON file records are appended to")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "data_cpu.json",
+                        help="JSON file records are appended to (default: benchmarks/results/data_cpu.json under the "
+                             "current directory)")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
@@ -184,7 +181,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    script_main("benchmarks/data.py", __doc__, add_arguments, run, argv)
+    script_main("benchmarks.data", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

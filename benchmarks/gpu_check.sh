@@ -28,14 +28,18 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 # Triton kernels: compiled for the real GPU, checked against the PyTorch reference, then timed.
 step sm90-compile 60 python tests/test_triton_sm90_compile.py "$out/sm90_compile_gpu.json"
-step swav-head 150 python benchmarks/swav_head.py --shapes seer large --dtypes fp32 bf16 --out "$out/swav_head_gpu.json"
-# SwAV training steps of SEER's models (synthetic crops, bf16 autocast, block checkpointing): img/s, MFU, peak memory.
+step swav-head 150 python -m benchmarks.swav_head --shapes seer large --dtypes fp32 bf16 --out "$out/swav_head_gpu.json"
+# SwAV training steps of SEER's models (SEER's config: synthetic crops, bf16 autocast, block checkpointing): img/s,
+# MFU, peak memory.
+seer=engine/configs/seer_regnety_256gf.yaml
 for preset in regnety_128gf regnety_256gf; do
-  for layout in channels-last no-channels-last; do
-    step "train-$preset-$layout" 60 python benchmarks/train.py --preset "$preset" --batch 64 --steps 10 \
-      --precision bf16 --checkpointing block --"$layout" --out "$out/train_${preset}_${layout}.json"
+  for channels_last in true false; do
+    step "train-$preset-channels_last=$channels_last" 60 python -m benchmarks.train --config "$seer" --steps 10 \
+      --out "$out/train_${preset}_channels_last_${channels_last}.json" model.backbone="$preset" \
+      train.batch_size=64 train.precision=bf16 model.activation_checkpointing=block model.channels_last="$channels_last"
   done
 done
 # SEER-10B on one GPU at a small batch: does one step fit, and how does the memory compare with `seer plan`?
-step train-seer_10b 60 python benchmarks/train.py --preset seer_10b --batch 4 --steps 3 --warmup 1 \
-  --precision bf16 --checkpointing block --out "$out/train_seer_10b.json"
+step train-seer_10b 60 python -m benchmarks.train --config "$seer" --steps 3 --warmup 1 \
+  --out "$out/train_seer_10b.json" model.backbone=seer_10b train.batch_size=4 train.precision=bf16 \
+  model.activation_checkpointing=block model.channels_last=true

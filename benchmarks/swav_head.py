@@ -1,8 +1,9 @@
 """Benchmark of the SwAV head: Triton kernels vs the PyTorch reference, eager and under torch.compile.
 
-    python benchmarks/swav_head.py                      # on a GPU: every op, provider and shape, fp32
-    python benchmarks/swav_head.py --dtypes fp32 bf16   # embeddings and prototypes in bf16 too
-    python benchmarks/swav_head.py --shapes seer        # on CPU: the reference only (eager vs compile), labelled CPU
+    seer bench kernels                          # on a GPU: every op, provider and shape, fp32
+    seer bench kernels --dtypes fp32 bf16       # embeddings and prototypes in bf16 too
+    seer bench kernels --shapes seer            # on CPU: the reference only (eager vs compile), labelled CPU
+    python -m benchmarks.swav_head ...          # the same, without `seer`
 
 What is timed (one setup function per benchmark; providers "triton", "eager" = the reference, "compile" =
 torch.compile(reference)):
@@ -20,29 +21,26 @@ published peak and with a device-to-device copy measured in the same run. On a m
 kernels can only run in Triton's CPU interpreter (a correctness tool, not a benchmark): the script then measures
 the reference eager vs torch.compile on CPU, labels every record "cpu", and writes no GPU figure.
 
-Results are appended to benchmarks/results/swav_head.json (one record per benchmark × provider × shape × dtype, with
-device, commit and versions in the record). On CUDA the script first checks the Triton path against the reference
-at every shape (loss and gradients) and records the differences.
+Results are appended to benchmarks/results/swav_head.json under the current directory, or --out (one record per
+benchmark × provider × shape × dtype, with the command, device, commit and versions in the record). On CUDA the
+script first checks the Triton path against the reference at every shape (loss and gradients) and records the
+differences.
 """
+from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import statistics
-import subprocess
+import shlex
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import sinkhorn_reference, swav_loss_reference  # noqa: E402
+import kernels
+from benchmarks.harness import RESULTS_DIR, append_records, environment, percentiles, script_main
+from kernels import sinkhorn_reference, swav_loss_reference
 
 SHAPES = {  # name: (n_crops, samples per crop, D, K)
     "seer": (6, 16, 256, 16000),
@@ -212,8 +210,7 @@ def time_cpu(fn, grads, budget_s=20.0, max_reps=30):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(samples, n=10, method="inclusive")
-    return q[1], statistics.median(samples), q[7]
+    return percentiles(samples)
 
 
 def peak_memory_mb(fn, grads, device):
@@ -259,52 +256,7 @@ def gpu_check(shape, dtype, device):
                 finite=bool(torch.isfinite(t[1]).all() and torch.isfinite(t[2]).all()))
 
 
-def environment(device):
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "kernels"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip())
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    env = dict(commit=commit or None, kernels_uncommitted_changes=dirty, torch=torch.__version__,
-               triton=triton_version, python=platform.python_version(),
-               timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               float32_matmul_precision=torch.get_float32_matmul_precision())
-    if device.type == "cuda":
-        env.update(device_kind="cuda", device=torch.cuda.get_device_name(device))
-    else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        env.update(device_kind="cpu", device=f"CPU: {cpu}", threads=torch.get_num_threads())
-    return env
-
-
-def append_records(path: Path, records: list[dict]) -> Path:
-    """Append `records` to the JSON list at `path` (created, with its folder, when missing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(previous + records, indent=1) + "\n")
-    return path
-
-
-def script_main(prog: str, description: str, add_arguments, run, argv: list[str] | None) -> None:
-    """`python benchmarks/X.py ...` for a benchmark that also runs as `seer bench X`: run(args, argv), where argv
-    (the arguments given) is recorded as the command that reproduces the result."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    argv = sys.argv[1:] if argv is None else argv
-    run(parser.parse_args(argv), argv)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
                         help="default: all on GPU, seer on CPU")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
@@ -312,9 +264,14 @@ def main(argv=None):
                         choices=[f"{o}/{m}" for o, m in BENCHMARKS])
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives stable CPU numbers)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "swav_head.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "swav_head.json",
+                        help="JSON file records are appended to (default: benchmarks/results/swav_head.json under "
+                             "the current directory)")
 
+
+def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    """Check (on CUDA), time and record every benchmark × provider × shape × dtype; progress on stderr, a JSON line
+    on stdout. `argv`: the arguments after `seer bench kernels`, stored with each record as its command."""
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     providers = list(args.providers)
@@ -322,7 +279,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         print("NO GPU: GPU numbers cannot be measured on this machine. The Triton kernels would only run in "
               "Triton's CPU interpreter, which is no benchmark; measuring the reference eager vs torch.compile on "
-              "CPU instead, and labelling every record as CPU.", flush=True)
+              "CPU instead, and labelling every record as CPU.", file=sys.stderr, flush=True)
         providers = [p for p in providers if p != "triton"]
     shapes = args.shapes or (list(SHAPES) if on_gpu else ["seer"])
     env = environment(device)
@@ -330,6 +287,7 @@ def main(argv=None):
     copy_bw = measured_copy_bandwidth(device) if on_gpu else None
     if on_gpu:
         env.update(hbm_peak_spec_gbps=peak_spec and peak_spec / 1e9, copy_measured_gbps=round(copy_bw / 1e9, 1))
+    command = "seer bench kernels " + shlex.join(argv)
 
     records = []
     for shape in shapes:
@@ -337,7 +295,7 @@ def main(argv=None):
             dtype = DTYPES[dname]
             check = gpu_check(shape, dtype, device) if on_gpu else None
             if check:
-                print(f"check {shape} {dname}: {check}", flush=True)
+                print(f"check {shape} {dname}: {check}", file=sys.stderr, flush=True)
             for name in args.benchmarks:
                 op, mode = name.split("/")
                 nbytes = bytes_model(op, mode, shape, dtype)
@@ -358,16 +316,20 @@ def main(argv=None):
                                bytes_model=nbytes, gbps_effective=gbps and round(gbps, 1),
                                pct_hbm_peak_spec=round(100 * gbps * 1e9 / peak_spec, 1) if gbps and peak_spec else None,
                                pct_copy_measured=round(100 * gbps * 1e9 / copy_bw, 1) if gbps and copy_bw else None,
-                               peak_memory_mb=mem, check=check, error=error, **env)
+                               peak_memory_mb=mem, check=check, error=error, command=command, **env)
                     records.append(rec)
                     append_records(args.out, [rec])  # record by record: a timeout keeps what ran
                     label = "GPU" if on_gpu else "CPU"
                     ms = f"{p50:9.3f} ms" if p50 else "   failed"
                     extra = f"  {rec['pct_hbm_peak_spec']}% of HBM peak" if rec["pct_hbm_peak_spec"] else ""
                     print(f"[{label}] {shape:5} {dname} {name:16} {provider:7} {ms}  "
-                          f"{rec['gbps_effective'] or 0:8.1f} GB/s eff.{extra}", flush=True)
-    print(f"appended {len(records)} records to {args.out}")
+                          f"{rec['gbps_effective'] or 0:8.1f} GB/s eff.{extra}", file=sys.stderr, flush=True)
+    print(json.dumps({"out": str(args.out), "records": len(records)}))
     return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    script_main("benchmarks.swav_head", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""pytest-benchmark view of benchmarks/swav_head.py (same setups, same providers).
+"""pytest-benchmark view of `seer bench kernels` (benchmarks/swav_head.py: same setups, same providers).
 
     pytest benchmarks/test_bench_swav_head.py --benchmark-only                  # SEER's per-GPU shape
     SWAV_BENCH_SHAPES=seer,large pytest benchmarks/test_bench_swav_head.py --benchmark-only
@@ -6,18 +6,15 @@
 Not part of `make test` (pytest.ini's testpaths is tests/). On a machine without a GPU the "triton" cases are
 skipped (the kernels would only run in Triton's CPU interpreter) and the reference runs on CPU: those timings are
 CPU timings. GPU calls are synchronized inside the timed function. For GB/s, % of HBM peak and the JSON record, run
-the script (`python benchmarks/swav_head.py`).
+`seer bench kernels`.
 """
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import swav_head as bench  # noqa: E402
+from benchmarks import swav_head as bench
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

@@ -1,19 +1,24 @@
 """Training-step benchmark: img/s, TFLOP/s, MFU and peak memory of real SwAV steps on synthetic crops.
 
-    seer bench train --preset regnety_micro --crops 2x32,4x16 --batch 32 --steps 5     # CPU: a quick check
-    seer bench train --preset regnety_256gf --batch 16 --steps 20                        # GPU: bf16, channels_last
-    python benchmarks/train.py --preset regnety_32gf ...                                 # the same, without `seer`
+    seer bench train --config engine/configs/demo.yaml --steps 5 train.batch_size=32     # CPU: the demo's model
+    seer bench train --config engine/configs/seer_regnety_256gf.yaml --steps 20          # GPU: SEER's run
+    python -m benchmarks.train --config FILE [section.key=value ...]                      # the same, without `seer`
 
-What one step is: the trainer's step at ZeRO 0 (engine.training.pretrain.Pretrainer.train_step), run directly in PyTorch,
-not through a DeepSpeed engine (whose ZeRO-0 wrapper adds ~1 ms per step, and which the GPU check image lacks):
-the engine's SwAV model (engine.models.swav.build_swav_model: the RegNetY preset, SEER's head feat -> 8192 -> 8192 -> 256
-and 16,000 fp32 prototypes unless told otherwise, the SwAV loss of `kernels`, Triton on CUDA) in training mode,
-forward under bf16 autocast (`--precision bf16`, the engine's train.precision=bf16) or in fp32, backward, the
-engine's LARS optimizer (engine.training.optim, every group at the peak lr, prototypes not frozen), zero_grad and the prototype
-re-normalisation. Inputs: synthetic normal-noise crops of the recipe, created once on the device: data loading is
-excluded (`seer bench data` measures it). The first --warmup steps are not timed.
+The run is a Config, loaded as for `seer pretrain` (--config FILE and section.key=value overrides): model.* (backbone,
+head, prototypes, channels_last, activation_checkpointing), data.crops and data.channels, train.batch_size (images
+per step), train.precision (bf16 autocast or fp32) and swav.* (swav.backend: the loss kernels, auto = Triton on
+CUDA). train.zero_stage is not used: the step runs in one process at ZeRO 0.
 
-Reported (appended to benchmarks/results/train_<preset>_<device>.json, one record per run, with the command):
+What one step is: the trainer's step at ZeRO 0 (engine.training.pretrain.Pretrainer.train_step), run directly in
+PyTorch, not through a DeepSpeed engine (whose ZeRO-0 wrapper adds ~1 ms per step, and which the GPU check image
+lacks): the engine's SwAV model (engine.models.swav.build_swav_model: the backbone, the projection head, fp32
+prototypes, the SwAV loss of `kernels`) in training mode, forward under bf16 autocast (train.precision=bf16) or in
+fp32, backward, the engine's LARS optimizer (engine.training.optim, every group at the peak lr, prototypes not
+frozen), zero_grad and the prototype re-normalisation. Inputs: synthetic normal-noise crops of the recipe, created
+once on the device: data loading is excluded (`seer bench data` measures it). The first --warmup steps are not timed.
+
+Reported (appended to benchmarks/results/train_<backbone>_<device>.json under the current directory, or --out, one
+record per run, with the command):
 - img/s: images (each with all its crops) per second over the timed steps; step time p20/p50/p80.
 - FLOPs per step: torch.utils.flop_counter over forward + backward of one step of the same model on the meta
   device (engine.plan.train_flops: model FLOPs, 2 per multiply-add, grouped-convolution backward counted right,
@@ -24,33 +29,28 @@ Reported (appended to benchmarks/results/train_<preset>_<device>.json, one recor
   step starts (weights, momentum, crops), `step_peak_bytes` the peak above it (activations, gradients, temporaries).
   CPU: `step_peak_bytes` is the peak of torch's CPU allocations during one extra step, from torch.profiler's
   allocation events (engine.plan.cpu_peak_bytes); `static_bytes` is the bytes of weights, optimizer state and crops.
-  Beside them, the plan's figures for the same run (engine.plan, same precision), so a GPU run checks
-  the capacity model.
+  Beside them, the plan's figures for the same run (engine.plan at ZeRO 0 on one GPU, same precision), so a GPU run
+  checks the capacity model.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shlex
-import statistics
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from swav_head import append_records, environment, script_main  # noqa: E402  (one record schema)
+from benchmarks.harness import RESULTS_DIR, append_records, environment, percentiles, script_main
+from engine import plan as capacity
+from engine.config import Config, load_config
 
-from engine import plan as capacity  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 # Dense tensor-core peak TFLOP/s by device-name fragment (first match wins): bf16 (V100: fp16, it has no bf16), and
 # TF32 for fp32 runs (V100 has no TF32: its fp32 peak).
 PEAK_TFLOPS = {
@@ -79,11 +79,6 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
     return None, f"unknown GPU {name!r} (pass --peak-tflops)"
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -91,7 +86,7 @@ def _tensor_bytes(tensors) -> int:
 class TrainStep:
     """The engine's SwAV model, optimizer and step (as Pretrainer.train_step at ZeRO 0) on synthetic crops."""
 
-    def __init__(self, cfg, device: torch.device, batch: int, precision: str):
+    def __init__(self, cfg: Config, device: torch.device):
         from engine.models.swav import build_swav_model
         from engine.training.optim import build_optimizer
 
@@ -102,11 +97,13 @@ class TrainStep:
         self.model = build_swav_model(cfg).to(device)
         self.model.to(memory_format=self.model.memory_format)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        batch = cfg.train.batch_size
         lr = cfg.optim.lr * batch / 256  # the peak lr of a one-rank run; prototypes not frozen
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.crops = capacity.synthetic_crops([(g.count, g.size) for g in cfg.data.crops], batch, device)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+        self.crops = capacity.synthetic_crops(cfg.data, batch, device)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                         else nullcontext())
 
     def __call__(self) -> torch.Tensor:
         with self.autocast:
@@ -125,35 +122,28 @@ class TrainStep:
         return _tensor_bytes(list(self.model.parameters()) + list(self.model.buffers()) + state + self.crops)
 
 
-def benchmark(preset: str, *, batch: int, steps: int, warmup: int, crops: str, precision: str, channels_last: bool,
-              checkpointing: str, device: str | None, head_hidden: list[int], embedding_dim: int, prototypes: int,
-              peak: float | None, threads: int | None, loss_backend: str = "auto") -> dict:
-    """One record: speed, FLOPs, MFU and memory of `steps` timed training steps."""
+def benchmark(cfg: Config, *, steps: int, warmup: int, device: str | None = None, peak: float | None = None,
+              threads: int | None = None) -> dict:
+    """One record: speed, FLOPs, MFU and memory of `steps` timed training steps of the run `cfg`."""
+    precision, batch = cfg.train.precision, cfg.train.batch_size
     if precision not in ("bf16", "fp32"):
-        raise ValueError(f"--precision must be bf16 or fp32, got {precision!r}")
-    if loss_backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"--loss-backend must be auto, torch or triton, got {loss_backend!r}")
-    if batch < 1 or steps < 1 or warmup < 1:
+        raise ValueError(f"train.precision={precision}: seer bench train runs bf16 (autocast) or fp32")
+    if steps < 1 or warmup < 1:
         # At least one warm-up step: the first one creates the momentum buffers (and compiles Triton kernels).
-        raise ValueError(f"--batch, --steps and --warmup must be >= 1, got {batch}, {steps}, {warmup}")
+        raise ValueError(f"--steps and --warmup must be >= 1, got {steps} and {warmup}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     if threads:
         torch.set_num_threads(threads)
-    # On the meta device, before anything is allocated: FLOPs, the capacity model's figures, and a clear error for
-    # an unknown preset or crop recipe.
-    plan = capacity.plan(preset, gpus=1, gpu_mem_gib=1.0, zero=0, checkpointing=checkpointing, batch=batch,
-                         crops=crops, precision=precision, head_hidden=head_hidden,
-                         embedding_dim=embedding_dim, prototypes=prototypes)
+    # On the meta device, before anything is allocated: FLOPs, the capacity model's figures (of this one-process
+    # ZeRO-0 step), and a clear error for an unknown backbone.
+    plan = capacity.plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=0)), gpus=1,
+                         gpu_mem_gib=1.0)
     flops = plan["train_flops_per_image"] * batch
-    cfg = capacity.swav_config(preset, capacity.parse_crops(crops), head_hidden=head_hidden,
-                               embedding_dim=embedding_dim, prototypes=prototypes, channels_last=channels_last,
-                               checkpointing=checkpointing)
-    cfg.swav.backend = loss_backend
 
     torch.manual_seed(0)
-    step = TrainStep(cfg, dev, batch, precision)
+    step = TrainStep(cfg, dev)
 
     def sync():
         if dev.type == "cuda":
@@ -186,28 +176,29 @@ def benchmark(preset: str, *, batch: int, steps: int, warmup: int, crops: str, p
     }
     memory["peak_bytes"] = memory["static_bytes"] + memory["step_peak_bytes"]
 
-    p50 = statistics.median(times)
+    p20, p50, p80 = percentiles(times)
     achieved = flops / p50 / 1e12
     peak_value, peak_source = peak_tflops(dev, precision, peak)
     return {
         "benchmark": "train",
-        "preset": preset,
+        "preset": cfg.model.backbone,
         "parameters": plan["parameters"],
         "batch": batch,
-        "crops": crops,
+        "crops": plan["crops"],
+        "channels": cfg.data.channels,
         "precision": precision,
-        "channels_last": channels_last,
-        "checkpointing": checkpointing,
-        "loss_backend": loss_backend,
+        "channels_last": cfg.model.channels_last,
+        "checkpointing": cfg.model.activation_checkpointing,
+        "loss_backend": cfg.swav.backend,
         "head": plan["head"],
         "steps": steps,
         "warmup_steps": warmup,
         "step": "engine SwAV model + engine.training.optim LARS, plain PyTorch (no DeepSpeed engine), ZeRO 0, one process",
         "data": "synthetic crops created once on the device: data loading excluded",
         "img_per_s": batch * steps / sum(times),
-        "step_ms_p20": 1e3 * _percentile(times, 0.2),
+        "step_ms_p20": 1e3 * p20,
         "step_ms_p50": 1e3 * p50,
-        "step_ms_p80": 1e3 * _percentile(times, 0.8),
+        "step_ms_p80": 1e3 * p80,
         "flops_per_step": flops,
         "flops_per_image": flops / batch,
         "tflops_achieved": achieved,
@@ -224,8 +215,9 @@ def benchmark(preset: str, *, batch: int, steps: int, warmup: int, crops: str, p
 
 
 def write_record(record: dict, out: Path | None) -> Path:
-    """Append `record` to `out` (default results/train_<preset>_<device>.json, a JSON list)."""
-    return append_records(out or RESULTS / f"train_{record['preset']}_{record['device_tag']}.json", [record])
+    """Append `record` to `out` (default benchmarks/results/train_<backbone>_<device>.json under the current
+    directory, a JSON list)."""
+    return append_records(out or RESULTS_DIR / f"train_{record['preset']}_{record['device_tag']}.json", [record])
 
 
 def _size(nbytes: float) -> str:
@@ -242,38 +234,27 @@ def summary(record: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", required=True, help="backbone: a preset of engine.models.backbone.PRESETS or a timm RegNet")
-    parser.add_argument("--batch", type=int, default=16, help="images per step, each with every crop (SEER: 16)")
+    parser.add_argument("--config", help="YAML config of the run, as for `seer pretrain` (default: the same default "
+                                         "config); used: model.*, data.crops and data.channels, train.batch_size "
+                                         "(images per step), train.precision (bf16 or fp32), swav.*")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--crops", default="2x224,4x96", help="crop recipe COUNTxSIZE,... (default SEER's)")
-    parser.add_argument("--precision", default=None, help="bf16 (autocast; default on GPU) | fp32 (default on CPU)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="NHWC activations and weights (default on)")
-    parser.add_argument("--checkpointing", default="none", help="activation checkpointing: none | block | stage")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    parser.add_argument("--head-hidden", default="8192,8192", help="projection MLP widths (default SEER's)")
-    parser.add_argument("--embedding-dim", type=int, default=256)
-    parser.add_argument("--prototypes", type=int, default=16000)
-    parser.add_argument("--loss-backend", default="auto",
-                        help="SwAV loss kernels: auto (Triton on CUDA) | torch (the reference) | triton")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak for the MFU (default: GPU table)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON file the record is appended to (default results/train_<preset>_<device>.json)")
+                        help="JSON file the record is appended to (default: benchmarks/results/"
+                             "train_<backbone>_<device>.json under the current directory)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. model.backbone=regnety_32gf train.batch_size=64")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Benchmark, append the record to its JSON file, print a summary (stderr) and a JSON line (stdout).
 
     `argv`: the arguments after `seer bench train`, stored with the record as the command that reproduces it."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
-    record = benchmark(args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup, crops=args.crops,
-                       precision=precision, channels_last=args.channels_last, checkpointing=args.checkpointing,
-                       device=device, head_hidden=capacity.parse_widths(args.head_hidden),
-                       embedding_dim=args.embedding_dim, prototypes=args.prototypes, peak=args.peak_tflops,
-                       threads=args.threads, loss_backend=args.loss_backend)
+    record = benchmark(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
+                       device=args.device, peak=args.peak_tflops, threads=args.threads)
     record["command"] = "seer bench train " + shlex.join(argv)
     path = write_record(record, args.out)
     print(summary(record), file=sys.stderr)
@@ -283,7 +264,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    script_main("benchmarks/train.py", __doc__, add_arguments, run, argv)
+    script_main("benchmarks.train", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""The `seer` command: data packing, pretraining, evaluation and the demo."""
+"""The `seer` command: data packing, pretraining, evaluation, planning, benchmarks and the demo."""
 from __future__ import annotations
 
 import argparse
-import functools
+import importlib
 import json
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 from engine.config import ConfigError
@@ -106,27 +107,25 @@ def _plan(args) -> None:
     run(args)
 
 
-@functools.cache
-def benchmark_script(name: str):
-    """benchmarks/NAME.py of this checkout as a module (benchmarks/ is a folder of scripts, not a package), loaded
-    once."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"seer_benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+BENCHMARKS = {  # seer bench NAME: the module that defines its add_arguments(parser) and run(args, argv), help
+    "train": ("benchmarks.train", "img/s, TFLOP/s, MFU and peak memory of SwAV training steps"),
+    "data": ("benchmarks.data", "img/s of the DALI multi-crop loader vs a DataLoader + Pillow"),
+    "kernels": ("benchmarks.swav_head", "SwAV head: Triton kernels vs the PyTorch reference, eager and compiled"),
+}
 
 
 def _bench(args) -> None:
     # The arguments after `seer bench NAME` are recorded with the results as the command.
-    benchmark_script(args.bench_command).run(args, args.command_line[2:])
+    importlib.import_module(BENCHMARKS[args.bench_command][0]).run(args, args.command_line[2:])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from engine.training.finetune import add_arguments as add_finetune_arguments
-    from engine.training.pretrain import add_arguments
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of `seer ARGV`. The options of pretrain, finetune, plan and the benchmarks are defined in their
+    modules, which import torch, DeepSpeed or timm: they are added only to the sub-command ARGV names, so that
+    `seer --help` and every other sub-command start without importing them."""
+
+    def named(*command: str) -> bool:
+        return tuple(argv[:len(command)]) == command
 
     parser = argparse.ArgumentParser(prog="seer", description="SEER-style SwAV pretraining engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,12 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiles.set_defaults(run=_tiles)
 
     pretrain = commands.add_parser("pretrain", help="SwAV pretraining (no --config: the demo's config)")
-    add_arguments(pretrain)
+    if named("pretrain"):
+        from engine.training.pretrain import add_arguments as add_pretrain_arguments
+
+        add_pretrain_arguments(pretrain)
     pretrain.set_defaults(run=_pretrain)
 
     finetune = commands.add_parser(
         "finetune", help="backbone + linear classifier trained end to end on finetune.train_shards; test top-1")
-    add_finetune_arguments(finetune)
+    if named("finetune"):
+        from engine.training.finetune import add_arguments as add_finetune_arguments
+
+        add_finetune_arguments(finetune)
     finetune.set_defaults(run=_finetune)
 
     evaluate = commands.add_parser(
@@ -188,19 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="the run's train.output_dir (metrics.jsonl, config.yaml)")
     report.set_defaults(run=_report)
 
-    from engine.plan import add_arguments as add_plan_arguments
+    plan = commands.add_parser("plan", help="per-GPU memory (weights, gradients, optimizer, activations) and run "
+                                            "time of a config's run")
+    if named("plan"):
+        from engine.plan import add_arguments as add_plan_arguments
 
-    plan = commands.add_parser("plan", help="per-GPU memory (weights, gradients, optimizer, activations) and run time")
-    add_plan_arguments(plan)
+        add_plan_arguments(plan)
     plan.set_defaults(run=_plan)
 
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    bench_train = bench.add_parser("train", help="img/s, TFLOP/s, MFU and peak memory of SwAV training steps")
-    benchmark_script("train").add_arguments(bench_train)
-    bench_train.set_defaults(run=_bench)
-    bench_data = bench.add_parser("data", help="img/s of the DALI multi-crop loader vs a DataLoader + Pillow")
-    benchmark_script("data").add_arguments(bench_data)
-    bench_data.set_defaults(run=_bench)
+    bench = commands.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS))
+    benchmarks = bench.add_subparsers(dest="bench_command", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        benchmark = benchmarks.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if named("bench", name):
+            module = importlib.import_module(module_name)
+            benchmark.description = module.__doc__
+            module.add_arguments(benchmark)
+        benchmark.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="Fashion-MNIST end to end: pack, pretrain, kNN vs random init and pixels")
     demo.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -225,7 +234,8 @@ def error_report(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     # argparse stops filling a positional list at the first option: `seer eval knn --weights W a.b=1` would leave
     # `a.b=1` unrecognized, so overrides given after options are collected here.
     args, extra = parser.parse_known_args(argv)
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    args.command_line = list(sys.argv[1:] if argv is None else argv)
+    args.command_line = argv
     try:
         args.run(args)
         code = 0

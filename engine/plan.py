@@ -1,6 +1,9 @@
 """Capacity planning for SwAV pretraining: what one rank holds in memory, whether it fits, and how long a run takes.
 
-    seer plan --preset regnety_256gf --gpus 8 --gpu-mem 141 --zero 2 --checkpointing block --batch 64
+    seer plan --config engine/configs/seer_regnety_256gf.yaml --gpus 8 --gpu-mem 141 train.batch_size=64
+
+The run is a Config (engine.config, loaded as for `seer pretrain`): model.* (backbone, head, prototypes, activation
+checkpointing), data.crops and data.channels, train.batch_size (B), train.precision and train.zero_stage, swav.*.
 
 Everything comes from the real model (engine.models.swav.build_swav_model) built on the meta device: shapes without
 storage, so even seer_10b costs a second. Sizes are bytes; P = parameters other than the prototypes, K·D = the
@@ -58,6 +61,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dataloading.config import CropGroup, DataConfig
+from engine.config import Config, load_config
 from engine.models.activation_checkpointing import GRANULARITIES
 
 PRECISIONS = {  # bytes per parameter: weights, gradients, optimizer state
@@ -71,46 +76,12 @@ ZERO3_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's default stage3_max_live_paramet
 GIB = 2**30
 
 
-def parse_crops(text: str) -> list[tuple[int, int]]:
-    """'2x224,4x96' -> [(2, 224), (4, 96)]: (count, size in px) per crop group, in crop-major order."""
-    groups = []
-    for part in text.split(","):
-        count, sep, size = part.strip().lower().partition("x")
-        if not sep or not count.isdigit() or not size.isdigit() or int(count) < 1 or int(size) < 1:
-            raise ValueError(f"--crops {text!r}: expected COUNTxSIZE[,COUNTxSIZE...] with positive integers, "
-                             f"e.g. 2x224,4x96")
-        groups.append((int(count), int(size)))
-    if sum(count for count, _ in groups) < 2:
-        raise ValueError(f"--crops {text!r}: SwAV needs at least 2 crops in total")
-    return groups
+def crops_label(crops: list[CropGroup]) -> str:
+    """'2x224,4x96': count x size (px) of each crop group, in crop-major order."""
+    return ",".join(f"{group.count}x{group.size}" for group in crops)
 
 
-def swav_config(preset: str, crops: list[tuple[int, int]], *, head_hidden: list[int] | None = None,
-                embedding_dim: int | None = None, prototypes: int | None = None, channels_last: bool = True,
-                checkpointing: str = "none"):
-    """A Config (engine.config) for `preset` with SEER's head unless told otherwise and the given crops."""
-    from dataloading.config import CropGroup
-    from engine.config import Config
-
-    if checkpointing not in GRANULARITIES:
-        raise ValueError(f"--checkpointing must be one of {', '.join(GRANULARITIES)}, got {checkpointing!r}")
-    cfg = Config()
-    cfg.model.backbone = preset
-    cfg.model.head_hidden_dims = list(head_hidden) if head_hidden is not None else cfg.model.head_hidden_dims
-    cfg.model.embedding_dim = embedding_dim if embedding_dim is not None else cfg.model.embedding_dim
-    cfg.model.num_prototypes = prototypes if prototypes is not None else cfg.model.num_prototypes
-    if cfg.model.embedding_dim < 1 or cfg.model.num_prototypes < 1:
-        raise ValueError(f"--embedding-dim and --prototypes must be >= 1, got {cfg.model.embedding_dim} and "
-                         f"{cfg.model.num_prototypes}")
-    cfg.model.channels_last = channels_last
-    cfg.model.activation_checkpointing = checkpointing
-    cfg.data.channels = 3
-    cfg.data.crops = [CropGroup(size, count, (0.14, 1.0)) for count, size in crops]
-    cfg.swav.sinkhorn_iterations = 10  # SEER
-    return cfg
-
-
-def meta_swav_model(cfg) -> nn.Module:
+def meta_swav_model(cfg: Config) -> nn.Module:
     """The engine's SwAV model for `cfg`, on the meta device, in training mode, without activation checkpointing.
 
     The head runs in eval mode: its training-only assignment histogram (no autograd; bincount has no meta kernel)
@@ -129,9 +100,11 @@ def meta_swav_model(cfg) -> nn.Module:
     return model.to(memory_format=model.memory_format)
 
 
-def synthetic_crops(crops: list[tuple[int, int]], batch: int, device) -> list[torch.Tensor]:
-    """One normal-noise RGB tensor per crop, crop-major (the layout the data loader delivers)."""
-    return [torch.randn(batch, 3, size, size, device=device) for count, size in crops for _ in range(count)]
+def synthetic_crops(data: DataConfig, batch: int, device) -> list[torch.Tensor]:
+    """One normal-noise tensor per crop of `data` (its crops and channels), crop-major (the layout the data loader
+    delivers)."""
+    return [torch.randn(batch, data.channels, group.size, group.size, device=device)
+            for group in data.crops for _ in range(group.count)]
 
 
 # ------------------------------------------------------------------------------------------------ activations
@@ -251,7 +224,8 @@ def _tensor_bytes(t: torch.Tensor, precision: str) -> float:
 def activation_peak(trace: ActivationTrace, checkpointing: str, precision: str = "fp32") -> dict:
     """The activation part of a step's peak memory (bytes) under `checkpointing`, by the model in the docstring."""
     if checkpointing not in GRANULARITIES:
-        raise ValueError(f"--checkpointing must be one of {', '.join(GRANULARITIES)}, got {checkpointing!r}")
+        raise ValueError(f"model.activation_checkpointing must be one of {', '.join(GRANULARITIES)}, "
+                         f"got {checkpointing!r}")
     owner_of = {"none": lambda s: None, "block": lambda s: s.block, "stage": lambda s: s.stage}[checkpointing]
     checkpointed = {"none": [], "block": trace.block_calls, "stage": trace.stage_calls}[checkpointing]
     calls = checkpointed or trace.block_calls  # without checkpointing, the block calls bound the transients
@@ -355,18 +329,14 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-def _check_state_args(precision: str, zero: int, gpus: int) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if zero not in (0, 1, 2, 3):
-        raise ValueError(f"--zero must be 0, 1, 2 or 3 (DeepSpeed ZeRO stage), got {zero}")
-    if gpus < 1:
-        raise ValueError(f"--gpus must be >= 1, got {gpus}")
-
-
 def state_bytes(counts: dict[str, int], precision: str, zero: int, gpus: int) -> dict[str, float]:
     """Per-rank bytes of weights, gradients and optimizer state (and the extras of autocast and ZeRO-3)."""
-    _check_state_args(precision, zero, gpus)
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3 (DeepSpeed ZeRO stage), got {zero}")
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
     dense = counts["backbone"] + counts["projection"]
     protos = counts["prototypes"]
     w, g, o = PRECISIONS[precision]
@@ -383,27 +353,26 @@ def state_bytes(counts: dict[str, int], precision: str, zero: int, gpus: int) ->
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-def plan(preset: str, *, gpus: int, gpu_mem_gib: float, zero: int = 0, checkpointing: str = "none",
-         batch: int = 16, crops: str = "2x224,4x96", precision: str = "bf16", img_per_s: float | None = None,
-         images: float = 1e9, headroom: float = 0.1, head_hidden: list[int] | None = None,
-         embedding_dim: int | None = None, prototypes: int | None = None) -> dict:
-    """Per-rank memory of a SwAV run and whether it fits; the run's duration if a per-GPU speed is given."""
-    _check_state_args(precision, zero, gpus)
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
+def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, img_per_s: float | None = None, images: float = 1e9,
+         headroom: float = 0.1) -> dict:
+    """Per-rank memory of the SwAV run `cfg` on `gpus` ranks and whether it fits; the run's duration if a per-GPU
+    speed is given."""
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
     if gpu_mem_gib <= 0 or not 0 <= headroom < 1:
         raise ValueError(f"--gpu-mem must be > 0 and --headroom in [0, 1), got {gpu_mem_gib} and {headroom}")
     if img_per_s is not None and img_per_s <= 0:
         raise ValueError(f"--img-per-s must be > 0, got {img_per_s}")
-    crop_groups = parse_crops(crops)
-    cfg = swav_config(preset, crop_groups, head_hidden=head_hidden, embedding_dim=embedding_dim,
-                      prototypes=prototypes, checkpointing=checkpointing)
+    if images <= 0:
+        raise ValueError(f"--images must be > 0, got {images}")
+    batch, precision, zero = cfg.train.batch_size, cfg.train.precision, cfg.train.zero_stage
+    checkpointing = cfg.model.activation_checkpointing
     model = meta_swav_model(cfg)
     counts = parameter_counts(model)
     state = state_bytes(counts, precision, zero, gpus)
 
-    flops_per_image = train_flops(model, synthetic_crops(crop_groups, batch, "meta")) / batch
-    trace = trace_activations(model, synthetic_crops(crop_groups, batch, "meta"))
+    flops_per_image = train_flops(model, synthetic_crops(cfg.data, batch, "meta")) / batch
+    trace = trace_activations(model, synthetic_crops(cfg.data, batch, "meta"))
     act = activation_peak(trace, checkpointing, precision)
     # Every term scales with B but BatchNorm's per-channel statistics (bytes), so this is the per-image slope.
     per_image = act["peak"] / batch
@@ -412,8 +381,9 @@ def plan(preset: str, *, gpus: int, gpu_mem_gib: float, zero: int = 0, checkpoin
     total = static + act["peak"]
     max_batch = max(math.floor((usable - static) / per_image), 0)
     result = {
-        "preset": preset, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "zero": zero, "checkpointing": checkpointing,
-        "precision": precision, "batch_per_gpu": batch, "global_batch": batch * gpus, "crops": crops,
+        "preset": cfg.model.backbone, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "zero": zero,
+        "checkpointing": checkpointing, "precision": precision, "batch_per_gpu": batch, "global_batch": batch * gpus,
+        "crops": crops_label(cfg.data.crops), "channels": cfg.data.channels,
         "head": {"hidden": cfg.model.head_hidden_dims, "embedding_dim": cfg.model.embedding_dim,
                  "prototypes": cfg.model.num_prototypes},
         "parameters": counts,
@@ -495,38 +465,21 @@ def format_plan(p: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", required=True, help="backbone: a preset of engine.models.backbone.PRESETS or a timm RegNet")
+    parser.add_argument("--config", help="YAML config of the run, as for `seer pretrain` (default: the same default "
+                                         "config); planned: model.*, data.crops and data.channels, "
+                                         "train.batch_size (per GPU), train.precision, train.zero_stage")
     parser.add_argument("--gpus", type=int, required=True, help="ranks (GPUs) in the data-parallel run")
     parser.add_argument("--gpu-mem", type=float, required=True, metavar="GIB",
                         help="memory per GPU in GiB (an H200 reports ~140, an 80 GB H100 ~79.2)")
-    parser.add_argument("--zero", type=int, default=0, help="DeepSpeed ZeRO stage 0-3 (default 0)")
-    parser.add_argument("--checkpointing", default="none", help="activation checkpointing: none | block | stage")
-    parser.add_argument("--batch", type=int, default=16, help="images per GPU per step (SEER: 16)")
-    parser.add_argument("--crops", default="2x224,4x96", help="crop recipe COUNTxSIZE,... (default SEER's)")
-    parser.add_argument("--precision", default="bf16",
-                        help="fp32 | bf16 | fp16, as train.precision (16 bits: autocast over fp32 weights)")
+    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of --gpu-mem kept free (default 0.1)")
     parser.add_argument("--img-per-s", type=float, default=None, help="training speed per GPU, for the run's days")
     parser.add_argument("--images", type=float, default=1e9, help="images the run sees (default 1e9, SEER)")
-    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of --gpu-mem kept free (default 0.1)")
-    parser.add_argument("--head-hidden", default="8192,8192", help="projection MLP widths (default SEER's)")
-    parser.add_argument("--embedding-dim", type=int, default=256)
-    parser.add_argument("--prototypes", type=int, default=16000)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-
-
-def parse_widths(text: str, option: str = "--head-hidden") -> list[int]:
-    """'8192,8192' -> [8192, 8192]; '' -> [] (a linear head)."""
-    parts = [x.strip() for x in text.split(",") if x.strip()]
-    if not all(x.isdigit() and int(x) > 0 for x in parts):
-        raise ValueError(f"{option} {text!r}: expected comma-separated positive widths, e.g. 8192,8192")
-    return [int(x) for x in parts]
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. train.batch_size=64 model.activation_checkpointing=block")
 
 
 def run(args: argparse.Namespace) -> None:
-    hidden = parse_widths(args.head_hidden)
-    result = plan(args.preset, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, zero=args.zero,
-                  checkpointing=args.checkpointing, batch=args.batch, crops=args.crops, precision=args.precision,
-                  img_per_s=args.img_per_s, images=args.images, headroom=args.headroom, head_hidden=hidden,
-                  embedding_dim=args.embedding_dim, prototypes=args.prototypes)
+    result = plan(load_config(args.config, args.overrides), gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
+                  img_per_s=args.img_per_s, images=args.images, headroom=args.headroom)
     print(json.dumps(result) if args.json else format_plan(result))  # one line, as every seer command's JSON
-

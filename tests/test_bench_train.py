@@ -1,16 +1,36 @@
-"""`seer bench train` (benchmarks/train.py) on CPU, and the FLOP counter it reports MFU with."""
+"""`seer bench train` (benchmarks/train.py) on CPU and the FLOP counter it reports MFU with; `seer bench kernels`
+(benchmarks/swav_head.py) on CPU; the harness every benchmark records with."""
 import argparse
 import json
 import math
+import re
+import shlex
 
 import pytest
 import torch
 from torch import nn
 
-from engine.cli import benchmark_script
+from benchmarks import swav_head
+from benchmarks import train as bench
+from benchmarks.harness import percentiles
 from engine.plan import count_flops
 
-bench = benchmark_script("train")
+# Every key the benchmark reads is set here, so that the tests do not depend on the default config.
+MICRO_RUN = [
+    "model.backbone=regnety_micro",
+    "data.crops=[{size: 32, count: 2, scale: [0.14, 1.0]}, {size: 16, count: 4, scale: [0.05, 0.14]}]",
+    "data.channels=3", "data.mean=[0.485, 0.456, 0.406]", "data.std=[0.229, 0.224, 0.225]",
+    "model.head_hidden_dims=[64]", "model.head_batch_norm=false", "model.embedding_dim=32", "model.num_prototypes=100",
+    "model.channels_last=true", "model.activation_checkpointing=none", "train.batch_size=8", "train.precision=fp32",
+    "train.zero_stage=0", "swav.backend=auto",
+]
+
+
+def parse(add_arguments, argv):
+    """As `seer bench NAME` and `python -m benchmarks.MODULE` parse: config overrides may follow options."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_intermixed_args(argv)
 
 
 def test_flops_of_a_small_conv_net_equal_the_analytic_count():
@@ -31,18 +51,14 @@ def test_flops_of_a_small_conv_net_equal_the_analytic_count():
 
 
 def _run(tmp_path, *extra):
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    argv = ["--preset", "regnety_micro", "--crops", "2x32,4x16", "--batch", "8", "--steps", "2", "--warmup", "1",
-            "--head-hidden", "64", "--embedding-dim", "32", "--prototypes", "100", "--out", str(tmp_path / "t.json"),
-            *extra]
-    return bench.run(parser.parse_args(argv), argv), argv
+    argv = ["--steps", "2", "--warmup", "1", "--out", str(tmp_path / "t.json"), *MICRO_RUN, *extra]
+    return bench.run(parse(bench.add_arguments, argv), argv), argv
 
 
 def test_cpu_run_of_regnety_micro_writes_a_sane_record(tmp_path):
     record, argv = _run(tmp_path)
     assert json.loads((tmp_path / "t.json").read_text()) == [record]
-    assert record["command"] == "seer bench train " + " ".join(argv)
+    assert record["command"] == "seer bench train " + shlex.join(argv)
     assert record["device_kind"] == "cpu" and record["device_tag"] == "cpu" and record["precision"] == "fp32"
     assert record["steps"] == 2 and record["batch"] == 8 and record["channels_last"]
     assert record["img_per_s"] > 0 and record["step_ms_p20"] <= record["step_ms_p50"] <= record["step_ms_p80"]
@@ -60,18 +76,54 @@ def test_cpu_run_of_regnety_micro_writes_a_sane_record(tmp_path):
 
 def test_peak_tflops_gives_an_mfu_and_records_append(tmp_path):
     first, _ = _run(tmp_path)
-    second, _ = _run(tmp_path, "--peak-tflops", "0.5", "--no-channels-last")
+    second, _ = _run(tmp_path, "--peak-tflops", "0.5", "model.channels_last=false")
     assert second["mfu"] == pytest.approx(second["tflops_achieved"] / 0.5)
     assert second["peak_tflops_source"] == "--peak-tflops" and not second["channels_last"]
     assert [r["channels_last"] for r in json.loads((tmp_path / "t.json").read_text())] == [True, False]
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--preset", "resnet50"], "unknown backbone 'resnet50'"),
-    (["--precision", "fp16"], "--precision must be bf16 or fp32"),
+    (["model.backbone=resnet50"], "unknown backbone 'resnet50'"),
+    (["train.precision=fp16"], "train.precision=fp16: seer bench train runs bf16 (autocast) or fp32"),
     (["--warmup", "0"], "--steps and --warmup must be >= 1"),
+    (["train.stepz=3"], "unknown config key 'train.stepz'"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, extra, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         _run(tmp_path, *extra)
     assert not (tmp_path / "t.json").exists()
+
+
+def test_config_file_is_read_and_overrides_win(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  backbone: regnety_tiny\ntrain:\n  batch_size: 4\n")
+    record, argv = _run(tmp_path, "--config", str(config))
+    assert record["preset"] == "regnety_micro" and record["batch"] == 8  # MICRO_RUN's overrides win
+    assert record["command"] == "seer bench train " + shlex.join(argv)
+
+
+def test_percentiles_interpolate_between_sorted_values():
+    assert percentiles([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx((1.8, 3.0, 4.2))
+    assert percentiles([7.0]) == (7.0, 7.0, 7.0)
+    with pytest.raises(ValueError, match="no values"):
+        percentiles([])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the benchmark times the Triton kernels")
+def test_kernels_benchmark_on_cpu_records_the_reference(tmp_path, monkeypatch):
+    """`seer bench kernels` without a GPU: the reference only, labelled CPU, each record with its command."""
+    monkeypatch.setitem(swav_head.SHAPES, "tiny", (4, 8, 16, 32))
+    argv = ["--shapes", "tiny", "--benchmarks", "sinkhorn/forward", "head/full", "--providers", "triton", "eager",
+            "--out", str(tmp_path / "k.json")]
+    threads = torch.get_num_threads()  # run() sets --threads (1) on CPU
+    try:
+        records = swav_head.run(parse(swav_head.add_arguments, argv), argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "k.json").read_text()) == json.loads(json.dumps(records))
+    assert [(r["op"], r["mode"], r["provider"]) for r in records] == [("sinkhorn", "forward", "eager"),
+                                                                     ("head", "full", "eager")]
+    for record in records:
+        assert record["device_kind"] == "cpu" and record["shape"] == "tiny" and record["error"] is None
+        assert 0 < record["ms_p20"] <= record["ms_p50"] <= record["ms_p80"]
+        assert record["command"] == "seer bench kernels " + shlex.join(argv)

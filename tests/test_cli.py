@@ -1,5 +1,6 @@
 """The `seer` console command as a user runs it: one clear line for bad input, JSON results otherwise."""
 import json
+import shlex
 import subprocess
 
 from PIL import Image
@@ -64,3 +65,18 @@ def test_errors_raised_in_a_library_keep_their_traceback(monkeypatch):
     assert any("json" in line and "decoder.py" in line for line in report)
     monkeypatch.setenv("SEER_TRACEBACK", "1")
     assert error_report(ours).splitlines()[0] == "Traceback (most recent call last):"
+
+
+def test_bench_train_takes_config_overrides_before_and_after_options(tmp_path):
+    micro = ["model.backbone=regnety_micro", "model.head_hidden_dims=[16]", "model.embedding_dim=8",
+             "model.num_prototypes=10", "train.batch_size=2", "train.precision=fp32", "train.zero_stage=0",
+             "model.activation_checkpointing=none"]
+    crops = "data.crops=[{size: 16, count: 2, scale: [0.4, 1]}, {size: 8, count: 2, scale: [0.1, 0.4]}]"
+    args = ["bench", "train", *micro, "--steps", "1", "--warmup", "1", "--out", tmp_path / "t.json", crops,
+            "--threads", "1"]
+    run = seer(*args, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1])["out"] == str(tmp_path / "t.json")
+    [record] = json.loads((tmp_path / "t.json").read_text())
+    assert record["preset"] == "regnety_micro" and record["crops"] == "2x16,2x8" and record["batch"] == 2
+    assert shlex.split(record["command"]) == ["seer", *map(str, args)]

@@ -8,8 +8,6 @@ block sizes (64-row × 128-column score tiles, 32-wide D steps, 16-sample loss t
 
 import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -199,8 +197,7 @@ def test_engine_head_runs_triton():
 
 def test_benchmark_setups_agree(monkeypatch):
     """benchmarks/swav_head.py's Triton setups (run on GPUs only) compute what its reference setups compute."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    bench = importlib.import_module("swav_head")
+    bench = importlib.import_module("benchmarks.swav_head")
     monkeypatch.setitem(bench.SHAPES, "tiny", (N_CROPS, B, D, K))
     monkeypatch.setitem(bench.SETTINGS, "sinkhorn_iterations", 3)
     for op, mode in bench.BENCHMARKS:
