@@ -234,8 +234,8 @@ def summary(record: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config of the run, as for `seer pretrain` (default: the same default "
-                                         "config); used: model.*, data.crops and data.channels, train.batch_size "
+    parser.add_argument("--config", help="YAML config of the run, as for `seer pretrain` (default: none, i.e. the "
+                                         "defaults: SEER's RegNetY-256GF recipe); used: model.*, data.crops and data.channels, train.batch_size "
                                          "(images per step), train.precision (bf16 or fp32), swav.*")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from dataloading.config import CropGroup, DataConfig
-from engine.config import Config, load_config
+from engine.config import Config, load_config, sinkhorn_rows, small_batch_advice
 from engine.models.activation_checkpointing import GRANULARITIES
 
 PRECISIONS = {  # bytes per parameter: weights, gradients, optimizer state
@@ -325,7 +325,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {
         "backbone": sum(p.numel() for p in model.backbone.parameters()),
         "projection": sum(p.numel() for p in model.head.projection.parameters()),
-        "prototypes": model.head.prototypes.numel(),
+        "prototypes": sum(p.numel() for p in model.head.prototypes),  # every head
     }
 
 
@@ -393,6 +393,7 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, img_per_s: float | None 
                                                     saved_bytes_by_segment(trace, precision).items()}},
         "train_flops_per_image": flops_per_image,
         "headroom": headroom, "usable_bytes": usable, "fits": total <= usable, "max_batch_per_gpu": max_batch,
+        "sinkhorn_rows": sinkhorn_rows(cfg, gpus), "small_batch": small_batch_advice(cfg, gpus),
     }
     if img_per_s is not None:
         seconds = images / (img_per_s * gpus)
@@ -457,6 +458,8 @@ def format_plan(p: dict) -> str:
         "  saved activations per image, no checkpointing (MiB): " + ", ".join(
             f"{k} {v / 2**20:,.{1 if v >= 2**20 else 3}f}" for k, v in a["saved_per_image_by_part"].items()),
     ]
+    if p["small_batch"]:
+        lines.append(f"  WARNING: {p['small_batch']}")
     if "schedule" in p:
         s = p["schedule"]
         lines.append(f"  {s['images']:.3g} images at {s['img_per_s_per_gpu']:g} img/s per GPU on {n} GPU(s): "
@@ -465,9 +468,10 @@ def format_plan(p: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config of the run, as for `seer pretrain` (default: the same default "
-                                         "config); planned: model.*, data.crops and data.channels, "
-                                         "train.batch_size (per GPU), train.precision, train.zero_stage")
+    parser.add_argument("--config", help="YAML config of the run, as for `seer pretrain` (default: none, i.e. the "
+                                         "defaults: SEER's RegNetY-256GF recipe); planned: model.*, data.crops and "
+                                         "data.channels, train.batch_size (per GPU), train.precision, "
+                                         "train.zero_stage, swav.queue_length")
     parser.add_argument("--gpus", type=int, required=True, help="ranks (GPUs) in the data-parallel run")
     parser.add_argument("--gpu-mem", type=float, required=True, metavar="GIB",
                         help="memory per GPU in GiB (an H200 reports ~140, an 80 GB H100 ~79.2)")

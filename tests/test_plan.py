@@ -223,3 +223,20 @@ def test_cli_error_is_one_line():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("seer: error: train.zero_stage must be 0, 1, 2 or 3")
+
+
+def test_plan_warns_when_sinkhorn_batch_is_smaller_than_the_prototypes(capsys):
+    """SEER's config on one node (8 x 64 images, 16,000 prototypes) is told the queue that fixes it; 512 ranks are
+    not; several heads count their prototypes."""
+    parser = argparse.ArgumentParser()
+    P.add_arguments(parser)
+    base = ["--config", "seer_regnety_256gf", "--gpu-mem", "141", "train.batch_size=64", "model.backbone=regnety_micro"]
+    P.run(parser.parse_args([*base, "--gpus", "8"]))
+    table = capsys.readouterr().out
+    assert "WARNING: Sinkhorn spreads 1,024 samples per step" in table and "swav.queue_length=7488" in table
+    P.run(parser.parse_args([*base, "--gpus", "512", "--json"]))
+    p = json.loads(capsys.readouterr().out)
+    assert p["small_batch"] is None and p["sinkhorn_rows"] == 2 * 512 * 64
+    P.run(parser.parse_args([*base, "--gpus", "8", "--json", "swav.queue_length=7488", "model.num_prototypes=[100, 50]"]))
+    p = json.loads(capsys.readouterr().out)
+    assert p["small_batch"] is None and p["parameters"]["prototypes"] == 150 * 256
