@@ -100,6 +100,10 @@ def sinkhorn(
 # the rescaled sums, as the reference does), and a second pass does step 3. Codes = exp(y - max_k y) / Σ_k exp(..)
 # (the reference's softmax: max-relative, so rows sum to 1 even where |y| is large and its fp32 ulp coarse) are
 # written by one last elementwise pass; SwAV's loss computes them on the fly instead (kernels/swav_head.py).
+#
+# A problem may take L extra rows from a second buffer (SwAV's queue: scores of past embeddings, appended to every
+# assigned crop's batch). They enter the prototype sums like the problem's own rows and keep their own row partials
+# (a second rpart), so readers of the problem's own codes (the loss kernel, the codes kernel) never see them.
 
 
 @triton.jit
@@ -123,42 +127,77 @@ def _row_stats(rpart_ptr, rows, row_mask, B, NKB, BLOCK_B: tl.constexpr, MERGE: 
 
 
 @triton.jit
+def _fold_column_stats(m, s, x_ptr, stride_xb, stride_xk, rpart_ptr, n_rows, NKB, cols, col_mask, inv_eps,
+                       FIRST: tl.constexpr, BLOCK_B: tl.constexpr, MERGE: tl.constexpr):
+    """Fold x / eps + log v of rows 0 .. n_rows - 1 of one row source into the running column max m and
+    max-shifted sum s (prototype step). rpart_ptr: that source's [2, n_rows, NKB] partials of the previous pass."""
+    for b0 in range(0, n_rows, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None].to(tl.int64) * stride_xb + cols[None, :] * stride_xk
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_eps
+        if not FIRST:
+            row_max, row_sum = _row_stats(rpart_ptr, rows, row_mask, n_rows, NKB, BLOCK_B, MERGE)
+            x -= (row_max + tl.log(row_sum))[:, None]  # + log v
+        x = tl.where(mask, x, NEG)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
+        m = m_new
+    return m, s
+
+
+@triton.jit
+def _write_row_partials(rpart_ptr, x_ptr, stride_xb, stride_xk, log_u, n_rows, NKB, pid_k, cols, col_mask, inv_eps,
+                        BLOCK_B: tl.constexpr):
+    """Partials rmax/rsum[b, pid_k] of y = x / eps + log u for rows 0 .. n_rows - 1 of one row source."""
+    for b0 in range(0, n_rows, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None].to(tl.int64) * stride_xb + cols[None, :] * stride_xk
+        y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_eps + log_u[None, :]
+        y = tl.where(mask, y, NEG)
+        row_max = tl.max(y, axis=1)
+        row_sum = tl.sum(tl.exp(y - row_max[:, None]), axis=1)
+        tl.store(rpart_ptr + rows * NKB + pid_k, row_max, mask=row_mask)
+        tl.store(rpart_ptr + n_rows * NKB + rows * NKB + pid_k, row_sum, mask=row_mask)
+
+
+@triton.jit
 def _sinkhorn_pass_kernel(
-    log_u_ptr, rpart_out_ptr, colmax_ptr, colsum_ptr,  # outputs (colmax/colsum: inputs when not COL_STEP)
-    x_ptr, stride_xb, stride_xk, row0_ptr, rpart_in_ptr,  # inputs
-    B, K, NKB, inv_eps,
+    log_u_ptr, rpart_out_ptr, extra_rpart_out_ptr, colmax_ptr, colsum_ptr,  # outputs
+    x_ptr, stride_xb, stride_xk, row0_ptr, rpart_in_ptr,  # inputs: the problems' own rows
+    extra_ptr, stride_eb, stride_ek, extra_rpart_in_ptr,  # inputs: the L extra rows of every problem
+    B, L, K, NKB, inv_eps,
     FIRST: tl.constexpr, COL_STEP: tl.constexpr, ROW_STEP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, MERGE: tl.constexpr,
 ):
     """One Sinkhorn pass over column block program_id(0) of problem program_id(1) (see the comment above).
 
+    Problem p: rows row0[p] .. row0[p] + B - 1 of x, then rows p·L .. p·L + L - 1 of extra (none when L = 0).
     COL_STEP and ROW_STEP: a whole iteration (no communication). COL_STEP only: write the local column
-    statistics (colmax, colsum) for the all-reduce. ROW_STEP only: log u from the all-reduced statistics.
+    statistics (colmax, colsum) for the all-reduce. ROW_STEP only: log u from the all-reduced statistics (then
+    colmax and colsum are inputs).
     """
     pid_k = tl.program_id(0)
     problem = tl.program_id(1).to(tl.int64)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     x_ptr += tl.load(row0_ptr + problem).to(tl.int64) * stride_xb
+    extra_ptr += problem * L * stride_eb
     kvec = problem * K + cols  # this problem's K-vectors
     rpart_in_ptr += problem * 2 * B * NKB
     rpart_out_ptr += problem * 2 * B * NKB
+    extra_rpart_in_ptr += problem * 2 * L * NKB
+    extra_rpart_out_ptr += problem * 2 * L * NKB
     if COL_STEP:
         m = tl.full([BLOCK_K], NEG, tl.float32)
         s = tl.zeros([BLOCK_K], tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            row_mask = rows < B
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = rows[:, None].to(tl.int64) * stride_xb + cols[None, :] * stride_xk
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_eps
-            if not FIRST:
-                row_max, row_sum = _row_stats(rpart_in_ptr, rows, row_mask, B, NKB, BLOCK_B, MERGE)
-                x -= (row_max + tl.log(row_sum))[:, None]  # + log v
-            x = tl.where(mask, x, NEG)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
-            m = m_new
+        m, s = _fold_column_stats(m, s, x_ptr, stride_xb, stride_xk, rpart_in_ptr, B, NKB, cols, col_mask, inv_eps,
+                                  FIRST, BLOCK_B, MERGE)
+        m, s = _fold_column_stats(m, s, extra_ptr, stride_eb, stride_ek, extra_rpart_in_ptr, L, NKB, cols, col_mask,
+                                  inv_eps, FIRST, BLOCK_B, MERGE)
         if ROW_STEP:
             log_u = -(m + tl.log(s))
         else:
@@ -170,17 +209,10 @@ def _sinkhorn_pass_kernel(
         log_u = -(gmax + tl.log(gsum))
     if ROW_STEP:
         tl.store(log_u_ptr + kvec, log_u, mask=col_mask)
-        for b0 in range(0, B, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            row_mask = rows < B
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = rows[:, None].to(tl.int64) * stride_xb + cols[None, :] * stride_xk
-            y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_eps + log_u[None, :]
-            y = tl.where(mask, y, NEG)
-            row_max = tl.max(y, axis=1)
-            row_sum = tl.sum(tl.exp(y - row_max[:, None]), axis=1)
-            tl.store(rpart_out_ptr + rows * NKB + pid_k, row_max, mask=row_mask)
-            tl.store(rpart_out_ptr + B * NKB + rows * NKB + pid_k, row_sum, mask=row_mask)
+        _write_row_partials(rpart_out_ptr, x_ptr, stride_xb, stride_xk, log_u, B, NKB, pid_k, cols, col_mask, inv_eps,
+                            BLOCK_B)
+        _write_row_partials(extra_rpart_out_ptr, extra_ptr, stride_eb, stride_ek, log_u, L, NKB, pid_k, cols,
+                            col_mask, inv_eps, BLOCK_B)
 
 
 @triton.jit
@@ -224,39 +256,51 @@ def sinkhorn_config(rows: int, k: int) -> dict:
 
 @torch.compiler.disable
 def sinkhorn_potentials(x: torch.Tensor, row0: torch.Tensor, rows: int, *, epsilon: float, iterations: int,
-                        group) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                        group, extra_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run Sinkhorn on len(row0) problems: rows row0[p] .. row0[p] + rows - 1 of x (any float dtype, 2-D).
 
-    row0: int32 tensor on x's device. Returns (log u: P × K fp32, rpart: P × 2 × rows × NKB fp32 partial row
-    maxima and sums of y = x / epsilon + log u, config); codes[b] = softmax(y[b]) (see _row_stats).
+    extra_rows: None, or a (P·L) × K score matrix (any float dtype and strides) whose rows p·L .. p·L + L - 1
+    join problem p: they count in its prototype sums (over every rank of `group`), but no codes are returned for
+    them. row0: int32 tensor on x's device. Returns (log u: P × K fp32, rpart: P × 2 × rows × NKB fp32 partial
+    row maxima and sums of y = x / epsilon + log u for the problems' own rows, config); codes[b] = softmax(y[b])
+    (see _row_stats).
     """
     problems, k = row0.numel(), x.shape[1]
-    cfg = sinkhorn_config(rows, k)
+    extra_len = 0 if extra_rows is None else extra_rows.shape[0] // problems
+    if extra_rows is not None and extra_rows.shape != (problems * extra_len, k):
+        raise ValueError(f"sinkhorn_potentials: extra_rows must be (P·L) × K = ({problems}·L) × {k}, "
+                         f"got shape {tuple(extra_rows.shape)}")
+    cfg = sinkhorn_config(max(rows, extra_len), k)  # each row source is swept on its own, BLOCK_B rows at a time
     nkb = cfg["nkb"]
     meta = dict(BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], MERGE=cfg["MERGE"], num_warps=cfg["num_warps"])
     f32 = dict(device=x.device, dtype=torch.float32)
     log_u = torch.empty(problems, k, **f32)
     rpart = torch.empty(2, problems, 2, rows, nkb, **f32)  # double-buffered: a pass reads one, writes the other
+    if extra_len:
+        extra, extra_rpart = extra_rows, torch.empty(2, problems, 2, extra_len, nkb, **f32)
+    else:
+        extra, extra_rpart = x, rpart  # placeholders: the kernels sweep no extra rows
     colmax = colsum = log_u  # unused placeholders without a group
     if group is not None:
         colmax, colsum = torch.empty(problems, k, **f32), torch.empty(problems, k, **f32)
     grid = (nkb, problems)
     inv_eps = 1.0 / epsilon
     for it in range(iterations):
-        rpart_in, rpart_out = rpart[(it + 1) % 2], rpart[it % 2]
-        args = (x, x.stride(0), x.stride(1), row0, rpart_in, rows, k, nkb, inv_eps)
+        rpart_out, extra_rpart_out = rpart[it % 2], extra_rpart[it % 2]
+        args = (x, x.stride(0), x.stride(1), row0, rpart[(it + 1) % 2],
+                extra, extra.stride(0), extra.stride(1), extra_rpart[(it + 1) % 2], rows, extra_len, k, nkb, inv_eps)
         if group is None:
-            _sinkhorn_pass_kernel[grid](log_u, rpart_out, colmax, colsum, *args,
+            _sinkhorn_pass_kernel[grid](log_u, rpart_out, extra_rpart_out, colmax, colsum, *args,
                                         FIRST=it == 0, COL_STEP=True, ROW_STEP=True, **meta)
             continue
-        _sinkhorn_pass_kernel[grid](log_u, rpart_out, colmax, colsum, *args,
+        _sinkhorn_pass_kernel[grid](log_u, rpart_out, extra_rpart_out, colmax, colsum, *args,
                                     FIRST=it == 0, COL_STEP=True, ROW_STEP=False, **meta)
         # The only communication: prototype sums over every rank's samples (2 all-reduces of K floats each).
         gmax = colmax.clone()
         dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
         colsum.mul_(torch.exp(colmax - gmax))
         dist.all_reduce(colsum, op=dist.ReduceOp.SUM, group=group)
-        _sinkhorn_pass_kernel[grid](log_u, rpart_out, gmax, colsum, *args,
+        _sinkhorn_pass_kernel[grid](log_u, rpart_out, extra_rpart_out, gmax, colsum, *args,
                                     FIRST=it == 0, COL_STEP=False, ROW_STEP=True, **meta)
     return log_u, rpart[(iterations - 1) % 2], cfg
 

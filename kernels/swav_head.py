@@ -13,7 +13,7 @@ from ._triton import INTERPRET, MAX_TILE, NEG, dot_precision, num_warps, pow2
 from .sinkhorn import _row_stats, sinkhorn_potentials, sinkhorn_reference
 
 
-def _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations):
+def _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations, queue):
     """Raise ValueError naming the first bad argument."""
     if embeddings.dim() != 2:
         raise ValueError(f"swav_loss: embeddings must be 2-D (n_crops·B × D), got shape {tuple(embeddings.shape)}")
@@ -41,6 +41,19 @@ def _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, 
             )
     if len(set(crops_for_assign)) != len(crops_for_assign):
         raise ValueError(f"swav_loss: crops_for_assign {tuple(crops_for_assign)} contains a duplicate")
+    if queue is not None:
+        n_assign = len(crops_for_assign)
+        if queue.dim() != 3:
+            raise ValueError(f"swav_loss: queue must be 3-D (len(crops_for_assign)={n_assign} × L × D={dim}), "
+                             f"got shape {tuple(queue.shape)}")
+        if queue.shape[0] != n_assign:
+            raise ValueError(f"swav_loss: queue has {queue.shape[0]} slots (shape {tuple(queue.shape)}) but "
+                             f"crops_for_assign {tuple(crops_for_assign)} names {n_assign} crops: one slot each")
+        if queue.shape[2] != dim:
+            raise ValueError(f"swav_loss: queue has D={queue.shape[2]} (shape {tuple(queue.shape)}) but "
+                             f"embeddings have D={dim} (shape {tuple(embeddings.shape)})")
+        if queue.device != embeddings.device:
+            raise ValueError(f"swav_loss: queue is on {queue.device} but embeddings are on {embeddings.device}")
     if not temperature > 0:
         raise ValueError(f"swav_loss: temperature must be > 0, got {temperature}")
     if not epsilon > 0:
@@ -59,16 +72,24 @@ def swav_loss_reference(
     epsilon: float = 0.05,
     sinkhorn_iterations: int = 3,
     group=None,
+    queue: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch SwAV loss; see `swav_loss` for the contract."""
-    _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations)
+    _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations, queue)
     dtype = torch.promote_types(torch.promote_types(embeddings.dtype, prototypes.dtype), torch.float32)
     z = F.normalize(embeddings.to(dtype), dim=1)
     scores = (z @ prototypes.to(dtype).T).view(n_crops, -1, prototypes.shape[0])  # crop × sample × prototype
+    b = scores.shape[1]
     log_p = torch.log_softmax(scores / temperature, dim=2)
+    queue_scores = None
+    if queue is not None and queue.shape[1]:
+        with torch.no_grad():  # assigned slot × L × K, constants like the codes
+            queue_scores = F.normalize(queue.detach().to(dtype), dim=2) @ prototypes.detach().to(dtype).T
     terms = []
-    for a in crops_for_assign:
-        q = sinkhorn_reference(scores[a], epsilon=epsilon, iterations=sinkhorn_iterations, group=group)
+    for i, a in enumerate(crops_for_assign):
+        crop_scores = scores[a] if queue_scores is None else torch.cat((scores[a].detach(), queue_scores[i]))
+        # Codes of the batch rows only; the queue rows count in Sinkhorn's prototype sums.
+        q = sinkhorn_reference(crop_scores, epsilon=epsilon, iterations=sinkhorn_iterations, group=group)[:b]
         others = [v for v in range(n_crops) if v != a]
         # Cross-entropy, averaged over the predicting crops and the local samples at once.
         terms.append(-(q * log_p[others]).sum(dim=2).mean())
@@ -85,6 +106,7 @@ def swav_loss(
     epsilon: float = 0.05,
     sinkhorn_iterations: int = 3,
     group=None,
+    queue: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """SwAV swapped-prediction loss of a multi-crop batch, as a scalar.
@@ -101,14 +123,22 @@ def swav_loss(
     the local batch means that data-parallel gradient averaging gives the global-batch gradient.
 
     group: process group over which Sinkhorn balances the codes (see `sinkhorn`; None = no communication).
+    queue: None, or len(crops_for_assign) × L × D past embeddings of this rank (SwAV's queue; slot i belongs to
+    crops_for_assign[i]), L2-normalized here like embeddings and never given a gradient. Their scores against the
+    current prototypes join assigned crop i's batch rows in Sinkhorn (the prototype sums then run over batch and
+    queue rows of every rank in `group`); only the batch rows' codes enter the loss, so the loss, its gradient and
+    the averaging are those of the batch alone. L = 0 is the same as no queue.
     backend: "torch" (the reference), "triton" (fused kernels: float16/bfloat16/float32 inputs, fp32 compute; CUDA
     tensors, or CPU tensors in Triton's interpreter), or "auto" ("triton" for CUDA tensors unless an input is
     float64, "torch" otherwise).
     """
-    if resolve_backend(backend, embeddings, prototypes, op="swav_loss") == "triton":
-        _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations)
-        return _swav_loss_triton(embeddings, prototypes, n_crops, tuple(crops_for_assign), temperature, epsilon,
-                                 sinkhorn_iterations, group)
+    inputs = (embeddings, prototypes) if queue is None else (embeddings, prototypes, queue)
+    if resolve_backend(backend, *inputs, op="swav_loss") == "triton":
+        _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations,
+                    queue)
+        queue = queue.detach() if queue is not None and queue.shape[1] else None
+        return _swav_loss_triton(embeddings, prototypes, queue, n_crops, tuple(crops_for_assign), temperature,
+                                 epsilon, sinkhorn_iterations, group)
     return swav_loss_reference(
         embeddings,
         prototypes,
@@ -118,6 +148,7 @@ def swav_loss(
         epsilon=epsilon,
         sinkhorn_iterations=sinkhorn_iterations,
         group=group,
+        queue=queue,
     )
 
 
@@ -131,8 +162,11 @@ def swav_loss(
 #                         the same D loop) plus, per row and block of K columns, the partial log-sum-exp of S/T:
 #                         the temperature-softmax statistics come out of the scoring pass (one torch.logsumexp
 #                         over N × K/128 partials merges them).
-#   sinkhorn_potentials   Sinkhorn of every assigned crop's rows of S at once (kernels/sinkhorn.py): one pass per
-#                         iteration, codes never materialized.
+#   with a queue          _swav_scores_kernel again, without the softmax statistics: S_queue = normalize(queue) @ Pᵀ
+#                         ((n_assign·L) × K fp32, freed after the forward); slot i's L rows join assigned crop i's
+#                         Sinkhorn problem as extra rows (no N × K concatenation).
+#   sinkhorn_potentials   Sinkhorn of every assigned crop's rows of S (and of S_queue) at once (kernels/sinkhorn.py):
+#                         one pass per iteration, codes never materialized.
 #   _swav_loss_kernel     per tile of B samples × K columns: codes q_a of the assigned crops from S, log u and
 #                         the merged row statistics (kernels/sinkhorn.py); then for every crop v the cross-entropy
 #                         against Σ_{a≠v} q_a and its gradient
@@ -155,9 +189,10 @@ def _swav_scores_kernel(
     e_ptr, stride_en, stride_ed, p_ptr, stride_pk, stride_pd,  # inputs
     N, K, D, NKB, inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_STATS: tl.constexpr = True,
 ):
-    """One BLOCK_N × BLOCK_K tile of S = (E @ Pᵀ) / ‖E‖, its rows' partial log Σ exp(S/T), and 1/‖E‖.
+    """One BLOCK_N × BLOCK_K tile of S = (E @ Pᵀ) / ‖E‖ and, if ROW_STATS, its rows' partial log Σ exp(S/T) and
+    1/‖E‖ (the loss and the backward need them for the batch, Sinkhorn alone reads the queue's scores).
 
     UPCAST: both operands go to fp32 before tl.dot (fp32 or mixed inputs, and always in the interpreter, where
     bf16 is wrong); otherwise the 16-bit operands multiply exactly on tensor cores with fp32 accumulation.
@@ -190,11 +225,12 @@ def _swav_scores_kernel(
     scores = acc * rinv[:, None]
     mask = row_mask[:, None] & col_mask[None, :]
     tl.store(s_ptr + rows64[:, None] * stride_sn + cols[None, :], scores, mask=mask)
-    y = tl.where(mask, scores * inv_temp, NEG)
-    y_max = tl.max(y, axis=1)
-    lse = y_max + tl.log(tl.sum(tl.exp(y - y_max[:, None]), axis=1))
-    tl.store(lse_part_ptr + rows64 * NKB + pid_k, lse, mask=row_mask)
-    tl.store(rinv_ptr + rows, rinv, mask=row_mask & (pid_k == 0))
+    if ROW_STATS:
+        y = tl.where(mask, scores * inv_temp, NEG)
+        y_max = tl.max(y, axis=1)
+        lse = y_max + tl.log(tl.sum(tl.exp(y - y_max[:, None]), axis=1))
+        tl.store(lse_part_ptr + rows64 * NKB + pid_k, lse, mask=row_mask)
+        tl.store(rinv_ptr + rows, rinv, mask=row_mask & (pid_k == 0))
 
 
 @triton.jit
@@ -311,10 +347,31 @@ def _crop_table(device, n_crops, b, crops_for_assign):
     return torch.tensor([a * b for a in crops_for_assign] + slots, dtype=torch.int32, device=device)
 
 
+def _queue_scores(queue, prototypes, b):
+    """normalize(queue) @ Pᵀ as an (n_assign·L) × K fp32 matrix: the extra Sinkhorn rows of the assigned crops."""
+    n_assign, length, d = queue.shape
+    k = prototypes.shape[0]
+    rows = queue.reshape(n_assign * length, d)  # a view unless the queue's strides forbid it (then a copy)
+    sc = head_config(n_assign * length, k, d, b, queue.dtype, prototypes.dtype)["scores"]
+    nkb = triton.cdiv(k, sc["BLOCK_K"])
+    scores = torch.empty(n_assign * length, k, device=queue.device, dtype=torch.float32)
+    _swav_scores_kernel[(triton.cdiv(n_assign * length, sc["BLOCK_N"]), nkb)](
+        scores, scores.stride(0), scores, scores,  # no row statistics: the placeholders are never written
+        rows, rows.stride(0), rows.stride(1), prototypes, prototypes.stride(0), prototypes.stride(1),
+        n_assign * length, k, d, nkb, 1.0,
+        BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], BLOCK_D=sc["BLOCK_D"], UPCAST=sc["UPCAST"],
+        DOT_PRECISION=dot_precision(), ROW_STATS=False, num_warps=sc["num_warps"],
+    )
+    return scores
+
+
 @torch.compiler.disable
 def swav_loss_forward(embeddings, prototypes, *, n_crops, crops_for_assign, temperature, epsilon, iterations,
-                      group, need_grad):
-    """Loss (0-d fp32) and, if need_grad, (dL/dS: N × K fp32, 1/‖E‖: N fp32) for swav_loss_backward."""
+                      group, need_grad, queue=None):
+    """Loss (0-d fp32) and, if need_grad, (dL/dS: N × K fp32, 1/‖E‖: N fp32) for swav_loss_backward.
+
+    queue: None or a non-empty n_assign × L × D tensor (see swav_loss), read without gradient.
+    """
     n, d = embeddings.shape
     k = prototypes.shape[0]
     b = n // n_crops
@@ -337,8 +394,9 @@ def swav_loss_forward(embeddings, prototypes, *, n_crops, crops_for_assign, temp
     lse = torch.logsumexp(lse_part, dim=1)  # log Σ_k exp(S/T) per row, from the scoring pass's partials
 
     table = _crop_table(dev, n_crops, b, crops_for_assign)
+    queue_scores = None if queue is None else _queue_scores(queue, prototypes, b)
     log_u, rpart, sk = sinkhorn_potentials(scores, table[:n_assign], b, epsilon=epsilon, iterations=iterations,
-                                           group=group)
+                                           group=group, extra_rows=queue_scores)
 
     lc = cfg["loss"]
     grid = (triton.cdiv(b, lc["BLOCK_B"]), triton.cdiv(k, lc["BLOCK_K"]))
@@ -377,12 +435,13 @@ class SwAVLossFunction(torch.autograd.Function):
     """Triton SwAV loss: forward computes the loss and dL/dS; backward chains dL/dS into E and P."""
 
     @staticmethod
-    def forward(ctx, embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, iterations, group):
+    def forward(ctx, embeddings, prototypes, queue, n_crops, crops_for_assign, temperature, epsilon, iterations,
+                group):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with torch.autocast(embeddings.device.type, enabled=False):  # the kernels choose their own precision
             loss, grad_scores, rinv = swav_loss_forward(
                 embeddings, prototypes, n_crops=n_crops, crops_for_assign=crops_for_assign, temperature=temperature,
-                epsilon=epsilon, iterations=iterations, group=group, need_grad=need_grad,
+                epsilon=epsilon, iterations=iterations, group=group, need_grad=need_grad, queue=queue,
             )
         if need_grad:
             ctx.save_for_backward(embeddings, prototypes, grad_scores, rinv)
@@ -394,10 +453,11 @@ class SwAVLossFunction(torch.autograd.Function):
         with torch.autocast(embeddings.device.type, enabled=False):  # fp32 matmuls, whatever the caller's autocast
             de, dp = swav_loss_backward(grad_loss, grad_scores, embeddings, prototypes, rinv,
                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return de, dp, None, None, None, None, None, None
+        return de, dp, None, None, None, None, None, None, None  # the queue is detached: no gradient
 
 
 @torch.compiler.disable  # torch.compile of a caller runs this eagerly (a graph break), kernels and all
-def _swav_loss_triton(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, iterations, group):
-    return SwAVLossFunction.apply(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon,
+def _swav_loss_triton(embeddings, prototypes, queue, n_crops, crops_for_assign, temperature, epsilon, iterations,
+                      group):
+    return SwAVLossFunction.apply(embeddings, prototypes, queue, n_crops, crops_for_assign, temperature, epsilon,
                                   iterations, group)

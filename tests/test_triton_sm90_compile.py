@@ -58,22 +58,25 @@ def _variants():
         blocks = dict(BLOCK_B=c["BLOCK_B"], BLOCK_K=c["BLOCK_K"], MERGE=c["MERGE"])
         for mode, flags in {"iteration": (False, True, True), "first": (True, True, True),
                             "group-col": (False, True, False), "group-row": (False, False, True)}.items():
-            const = dict(zip(("FIRST", "COL_STEP", "ROW_STEP"), flags), stride_xk=1, **blocks)
+            const = dict(zip(("FIRST", "COL_STEP", "ROW_STEP"), flags), stride_xk=1, stride_ek=1, **blocks)
             out.append((f"sinkhorn_pass[{mode}] {shape}", sk._sinkhorn_pass_kernel, {"row0_ptr": "*i32"}, const,
                         c["num_warps"]))
         out.append((f"sinkhorn_pass[iteration, bf16 scores] {shape}", sk._sinkhorn_pass_kernel,
                     {"row0_ptr": "*i32", "x_ptr": "*bf16"},
-                    dict(FIRST=False, COL_STEP=True, ROW_STEP=True, stride_xk=1, **blocks), c["num_warps"]))
+                    dict(FIRST=False, COL_STEP=True, ROW_STEP=True, stride_xk=1, stride_ek=1, **blocks),
+                    c["num_warps"]))
         out.append((f"sinkhorn_codes[bf16 scores] {shape}", sk._sinkhorn_codes_kernel, {"x_ptr": "*bf16"},
                     dict(stride_xk=1, **blocks), c["num_warps"]))
 
-        for label, e_t, p_t, precision in (("fp32", "fp32", "fp32", "ieee"), ("fp32 tf32", "fp32", "fp32", "tf32"),
-                                           ("bf16", "bf16", "bf16", "ieee"), ("bf16×fp32", "bf16", "fp32", "ieee")):
+        for label, e_t, p_t, precision, row_stats in (
+                ("fp32", "fp32", "fp32", "ieee", True), ("fp32 tf32", "fp32", "fp32", "tf32", True),
+                ("bf16", "bf16", "bf16", "ieee", True), ("bf16×fp32", "bf16", "fp32", "ieee", True),
+                ("queue fp32", "fp32", "fp32", "ieee", False), ("queue bf16", "bf16", "bf16", "ieee", False)):
             sc = head.head_config(n, k, d, b, TORCH_DTYPES[e_t], TORCH_DTYPES[p_t])["scores"]
             out.append((f"swav_scores[{label}] {shape}", head._swav_scores_kernel,
                         {"e_ptr": f"*{e_t}", "p_ptr": f"*{p_t}"},
                         dict(stride_ed=1, BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], BLOCK_D=sc["BLOCK_D"],
-                             UPCAST=sc["UPCAST"], DOT_PRECISION=precision), sc["num_warps"]))
+                             UPCAST=sc["UPCAST"], DOT_PRECISION=precision, ROW_STATS=row_stats), sc["num_warps"]))
         cfg = head.head_config(n, k, d, b, torch.float32, torch.float32)
         lc = cfg["loss"]
         for grad in (True, False):

@@ -1,0 +1,245 @@
+"""kernels.swav_loss with a queue of past embeddings (SwAV/VISSL's queue), both backends ("torch" and "triton", the
+latter in Triton's interpreter: conftest sets TRITON_INTERPRET=1).
+
+The contract, as VISSL's swav_loss computes it: for assigned crop i, Sinkhorn runs on cat(scores of the crop's batch
+rows, normalize(queue[i]) @ Pᵀ), its prototype sums over every rank's batch and queue rows; only the batch rows'
+codes enter the loss; the queue gets no gradient. Checked against an fp64 computation written out here with SwAV's
+plain Sinkhorn, and with 2 gloo ranks against one process on the concatenation of their batches and queues.
+
+Shapes are small (K = 100: 4 Sinkhorn column blocks of 32, the last one partial), the interpreter being slow.
+"""
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from engine.distributed import free_port, shutdown_and_exit
+from kernel_checks import assert_close, fp64_swav_loss, plain_swav_sinkhorn
+from kernels import swav_loss, swav_loss_reference
+from kernels.sinkhorn import sinkhorn_config
+from test_kernels_distributed import WORLD, Setup, local_embeddings
+
+BACKENDS = ("torch", "triton")
+D, K = 24, 100
+
+
+def fp64_swav_loss_with_queue(embeddings, prototypes, queue, n_crops, crops_for_assign, temperature, epsilon,
+                              iterations):
+    """SwAV's loss in fp64, crop by crop, with queue rows appended before SwAV's plain Sinkhorn (whose sample count,
+    B + L, includes them) and the batch rows' codes kept."""
+    z = embeddings.double() / embeddings.double().norm(dim=1, keepdim=True)
+    zq = queue.detach().double() / queue.detach().double().norm(dim=2, keepdim=True)
+    b = len(z) // n_crops
+    crop_scores = [z[c * b:(c + 1) * b] @ prototypes.double().T for c in range(n_crops)]
+    total = 0.0
+    for i, a in enumerate(crops_for_assign):
+        with torch.no_grad():
+            appended = torch.cat((crop_scores[a], zq[i] @ prototypes.double().T))
+            q = plain_swav_sinkhorn(appended, epsilon, iterations)[:b]
+        crop_loss = 0.0
+        for v in range(n_crops):
+            if v != a:
+                crop_loss -= (q * torch.log_softmax(crop_scores[v] / temperature, dim=1)).sum(dim=1).mean()
+        total += crop_loss / (n_crops - 1)
+    return total / len(crops_for_assign)
+
+
+def make_inputs(n_crops, b, length, n_assign, seed=0, dtype=torch.float32):
+    """Unnormalized embeddings (crop-major) and queue, unit-norm prototypes; the queue does not require grad."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = 3 * torch.randn(n_crops * b, D, generator=g, dtype=torch.float64)
+    prototypes = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
+    queue = 3 * torch.randn(n_assign, length, D, generator=g, dtype=torch.float64)
+    return embeddings.to(dtype).requires_grad_(), prototypes.to(dtype).requires_grad_(), queue.to(dtype)
+
+
+def loss_and_grads(embeddings, prototypes, queue, backend, grad_output=1.0, **kwargs):
+    loss = swav_loss(embeddings, prototypes, queue=queue, backend=backend, **kwargs)
+    return (loss, *torch.autograd.grad(loss, (embeddings, prototypes), grad_outputs=torch.tensor(grad_output)))
+
+
+def fp64_loss_and_grads(embeddings, prototypes, queue, grad_output=1.0, *, n_crops, crops_for_assign, temperature,
+                        epsilon, sinkhorn_iterations):
+    e64, p64 = (t.detach().double().requires_grad_() for t in (embeddings, prototypes))
+    loss = fp64_swav_loss_with_queue(e64, p64, queue, n_crops, crops_for_assign, temperature, epsilon,
+                                     sinkhorn_iterations)
+    return (loss, *torch.autograd.grad(loss, (e64, p64), grad_outputs=torch.tensor(grad_output, dtype=torch.float64)))
+
+
+def assert_matches(got, want, dtype, what):
+    """Loss, dE, dP of a backend against the fp64 computation.
+
+    Seen over these tests, both backends: fp32 loss ≤ 1.7e-7 relative, gradients ≤ 2.8e-7 absolute (entries up to
+    0.7; beyond atol ≤ 2e-6 relative). bf16 inputs: the fp64 computation sees the same rounded values, so the loss
+    agrees as in fp32 (≤ 5e-8); the gradients come back in bf16 (one ulp = 0.4-0.8%; beyond atol ≤ 0.7%).
+    """
+    loss_rtol, grad_atol, grad_rtol = (1e-6, 1e-7, 1e-4) if dtype == torch.float32 else (1e-6, 1e-5, 1.6e-2)
+    assert_close(got[0], want[0], atol=0, rtol=loss_rtol, name=f"loss {what}")
+    assert_close(got[1], want[1], atol=grad_atol, rtol=grad_rtol, name=f"embeddings grad {what}")
+    assert_close(got[2], want[2], atol=grad_atol, rtol=grad_rtol, name=f"prototypes grad {what}")
+
+
+CASES = [  # n_crops, crops_for_assign, b, queue length L, epsilon, iterations
+    pytest.param(4, (0, 1), 6, 9, 0.05, 3, id="4crops-assign01-L9"),
+    pytest.param(4, (0, 2, 3), 5, 7, 0.03, 10, id="4crops-assign023-L7-it10"),
+    pytest.param(3, (1,), 4, 150, 0.05, 3, id="3crops-assign1-L150"),  # queue longer than a Sinkhorn row chunk
+]
+
+
+@pytest.mark.parametrize("n_crops,crops_for_assign,b,length,epsilon,iterations", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_fp64_with_appended_queue(backend, dtype, n_crops, crops_for_assign, b, length, epsilon, iterations):
+    kwargs = dict(n_crops=n_crops, crops_for_assign=crops_for_assign, temperature=0.1, epsilon=epsilon,
+                  sinkhorn_iterations=iterations)
+    embeddings, prototypes, queue = make_inputs(n_crops, b, length, len(crops_for_assign), seed=length, dtype=dtype)
+    if length > 100:
+        assert length > sinkhorn_config(length, K)["BLOCK_B"]  # the kernels sweep the queue rows in several chunks
+    got = loss_and_grads(embeddings, prototypes, queue, backend, **kwargs)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    want = fp64_loss_and_grads(embeddings, prototypes, queue, **kwargs)
+    assert_matches(got, want, dtype, "vs fp64 with the queue appended")
+    # The queue moves the loss 100 times the loss tolerance or more (else the case would prove nothing).
+    without = fp64_swav_loss(embeddings.detach(), prototypes.detach(), n_crops, crops_for_assign, 0.1, epsilon,
+                             iterations)
+    assert abs(without.item() - want[0].item()) > 1e-4 * want[0].item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaled_loss(backend):
+    """A loss scaled before backward (grad_output != 1, as under loss scaling or loss weights)."""
+    kwargs = dict(n_crops=4, crops_for_assign=(0, 1), temperature=0.1, epsilon=0.05, sinkhorn_iterations=3)
+    embeddings, prototypes, queue = make_inputs(4, 5, 8, 2, seed=11)
+    got = loss_and_grads(embeddings, prototypes, queue, backend, grad_output=-2.5, **kwargs)
+    want = fp64_loss_and_grads(embeddings, prototypes, queue, grad_output=-2.5, **kwargs)
+    assert_matches(got, want, torch.float32, "scaled by -2.5")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs(backend):
+    kwargs = dict(n_crops=4, crops_for_assign=(1, 3), temperature=0.1, epsilon=0.03, sinkhorn_iterations=3)
+    embeddings, prototypes, queue = make_inputs(4, 5, 8, 2, seed=12)
+    embeddings = embeddings.detach().T.contiguous().T.requires_grad_()  # column-major views
+    prototypes = prototypes.detach().T.contiguous().T.requires_grad_()
+    queue = torch.stack((queue, torch.zeros_like(queue)), dim=3).flatten(2)[..., ::2]  # column stride 2
+    assert not (embeddings.is_contiguous() or prototypes.is_contiguous() or queue.is_contiguous())
+    got = loss_and_grads(embeddings, prototypes, queue, backend, **kwargs)
+    want = fp64_loss_and_grads(embeddings, prototypes, queue, **kwargs)
+    assert_matches(got, want, torch.float32, "on non-contiguous inputs")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_queue_equals_no_queue(backend):
+    kwargs = dict(n_crops=4, crops_for_assign=(0, 1), epsilon=0.05, sinkhorn_iterations=3)
+    embeddings, prototypes, queue = make_inputs(4, 5, 0, 2, seed=13)
+    assert queue.shape == (2, 0, D)
+    got = loss_and_grads(embeddings, prototypes, queue.requires_grad_(), backend, **kwargs)
+    want = loss_and_grads(embeddings, prototypes, None, backend, **kwargs)
+    for name, g, w in zip(("loss", "embeddings grad", "prototypes grad"), got, want):
+        assert_close(g, w, atol=0, rtol=0, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_queue_gets_no_gradient(backend):
+    kwargs = dict(n_crops=4, crops_for_assign=(0, 1), epsilon=0.05, sinkhorn_iterations=3)
+    embeddings, prototypes, queue = make_inputs(4, 5, 6, 2, seed=14)
+    queue.requires_grad_()
+    loss = swav_loss(embeddings, prototypes, queue=queue, backend=backend, **kwargs)
+    assert torch.autograd.grad(loss, queue, allow_unused=True) == (None,)
+    loss = swav_loss(embeddings, prototypes, queue=queue, backend=backend, **kwargs)
+    loss.backward()
+    assert queue.grad is None
+    # The batch's gradients are those of a constant queue.
+    want = loss_and_grads(embeddings, prototypes, queue.detach(), backend, **kwargs)
+    for name, g, w in zip(("loss", "embeddings grad", "prototypes grad"), (loss, embeddings.grad, prototypes.grad),
+                          want):
+        assert_close(g, w, atol=0, rtol=0, name=name)
+
+
+@pytest.mark.parametrize(
+    "queue,match",
+    [
+        (torch.zeros(2, 8), r"queue must be 3-D \(len\(crops_for_assign\)=2 × L × D=8\), got shape \(2, 8\)"),
+        (torch.zeros(3, 5, 8), r"queue has 3 slots \(shape \(3, 5, 8\)\) but crops_for_assign \(0, 1\) names 2"),
+        (torch.zeros(2, 5, 7), r"queue has D=7 \(shape \(2, 5, 7\)\) but embeddings have D=8 \(shape \(12, 8\)\)"),
+        (torch.zeros(2, 5, 8, device="meta"), "queue is on meta but embeddings are on cpu"),
+    ],
+)
+def test_queue_shape_errors(queue, match):
+    for fn in (swav_loss, swav_loss_reference):
+        with pytest.raises(ValueError, match=match):
+            fn(torch.zeros(12, 8), torch.zeros(5, 8), n_crops=4, queue=queue)
+
+
+# 2 gloo ranks, each with its half of every crop's batch and its own queue, against one process on all of it.
+
+DISTRIBUTED = {  # backend: (shapes and loss arguments, queue length per rank)
+    "torch": (Setup(sinkhorn_cases={}, K=K, D=D, loss=dict(n_crops=3, crops_for_assign=(0, 1, 2), temperature=0.1,
+                                                           epsilon=0.05, sinkhorn_iterations=10), loss_b=8), 5),
+    "triton": (Setup(sinkhorn_cases={}, K=K, D=D, loss=dict(n_crops=4, crops_for_assign=(0, 2), temperature=0.1,
+                                                            epsilon=0.03, sinkhorn_iterations=3), loss_b=10), 6),
+}
+
+
+def _worker(rank, port, inputs_path, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # Short: if one rank fails, the other gives up instead of waiting 30 minutes.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    all_inputs = torch.load(inputs_path)
+    results = {}
+    for backend, (setup, length) in DISTRIBUTED.items():
+        inputs = all_inputs[backend]
+        embeddings = local_embeddings(inputs["embeddings"], rank, setup).requires_grad_()
+        prototypes = inputs["prototypes"].clone().requires_grad_()
+        queue = inputs["queue"][:, rank * length:(rank + 1) * length]
+        loss = swav_loss(embeddings, prototypes, queue=queue, group=dist.group.WORLD, backend=backend, **setup.loss)
+        loss.backward()
+        # Data-parallel training averages parameter gradients over ranks; this rank's embeddings reach the shared
+        # parameters only through this rank, so their share of the averaged gradient is grad / WORLD.
+        dist.all_reduce(prototypes.grad)
+        results[backend] = dict(loss=loss.detach(), embeddings_grad=embeddings.grad / WORLD,
+                                prototypes_grad=prototypes.grad / WORLD)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    shutdown_and_exit(0)  # not the interpreter's shutdown, which races with gloo's threads
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """{backend: (inputs, [results of rank 0, results of rank 1])}."""
+    out_dir = tmp_path_factory.mktemp("swav_queue_distributed")
+    inputs = {}
+    for seed, (backend, (setup, length)) in enumerate(DISTRIBUTED.items()):
+        embeddings, prototypes, queue = make_inputs(setup.loss["n_crops"], setup.loss_b, WORLD * length,
+                                                    len(setup.loss["crops_for_assign"]), seed=seed)
+        inputs[backend] = dict(embeddings=embeddings.detach(), prototypes=prototypes.detach(), queue=queue)
+    torch.save(inputs, out_dir / "inputs.pt")
+    mp.spawn(_worker, args=(free_port(), str(out_dir / "inputs.pt"), str(out_dir)), nprocs=WORLD, join=True)
+    results = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return {backend: (inputs[backend], [r[backend] for r in results]) for backend in DISTRIBUTED}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_match_one_process_on_the_concatenation(ranks, backend):
+    inputs, results = ranks[backend]
+    setup, _ = DISTRIBUTED[backend]
+    embeddings = inputs["embeddings"].clone().requires_grad_()
+    prototypes = inputs["prototypes"].clone().requires_grad_()
+    # One process: both ranks' batch rows and both ranks' queue rows.
+    single = {other: loss_and_grads(embeddings, prototypes, inputs["queue"], other, **setup.loss)
+              for other in BACKENDS if other == "torch" or backend == "triton"}
+    single["fp64"] = fp64_loss_and_grads(embeddings, prototypes, inputs["queue"], **setup.loss)
+    for what, (loss, grad_e, grad_p) in single.items():
+        # Equal local batches: the mean of the local losses is the global loss, averaged gradients are global ones.
+        # Seen: ≤ 2e-7 relative (all-reduced sums add in another order than one process's).
+        assert_close(torch.stack([r["loss"] for r in results]).mean(), loss, atol=0, rtol=1e-6,
+                     name=f"loss vs one {what} process")
+        for rank, r in enumerate(results):
+            assert_close(r["prototypes_grad"], grad_p, atol=1e-7, rtol=1e-4, name=f"rank {rank} dP vs {what}")
+            assert_close(r["embeddings_grad"], local_embeddings(grad_e, rank, setup), atol=1e-7, rtol=1e-4,
+                         name=f"rank {rank} dE vs {what}")
