@@ -51,4 +51,4 @@ def test_swav_model_multicrop_forward_backward():
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no or non-finite gradient for {missing}"
-    assert torch.allclose(model.head.prototypes.norm(dim=1), torch.ones(20))
+    assert torch.allclose(model.head.prototypes[0].norm(dim=1), torch.ones(20))

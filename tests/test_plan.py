@@ -230,13 +230,15 @@ def test_plan_warns_when_sinkhorn_batch_is_smaller_than_the_prototypes(capsys):
     not; several heads count their prototypes."""
     parser = argparse.ArgumentParser()
     P.add_arguments(parser)
-    base = ["--config", "seer_regnety_256gf", "--gpu-mem", "141", "train.batch_size=64", "model.backbone=regnety_micro"]
-    P.run(parser.parse_args([*base, "--gpus", "8"]))
+    options = ["--config", "seer_regnety_256gf", "--gpu-mem", "141"]
+    node = ["train.batch_size=64", "model.backbone=regnety_micro"]
+    P.run(parser.parse_args([*options, "--gpus", "8", *node]))
     table = capsys.readouterr().out
     assert "WARNING: Sinkhorn spreads 1,024 samples per step" in table and "swav.queue_length=7488" in table
-    P.run(parser.parse_args([*base, "--gpus", "512", "--json"]))
+    P.run(parser.parse_args([*options, "--gpus", "512", "--json", *node]))
     p = json.loads(capsys.readouterr().out)
     assert p["small_batch"] is None and p["sinkhorn_rows"] == 2 * 512 * 64
-    P.run(parser.parse_args([*base, "--gpus", "8", "--json", "swav.queue_length=7488", "model.num_prototypes=[100, 50]"]))
+    P.run(parser.parse_args([*options, "--gpus", "8", "--json", *node, "swav.queue_length=7488",
+                             "model.num_prototypes=[100, 50]"]))
     p = json.loads(capsys.readouterr().out)
     assert p["small_batch"] is None and p["parameters"]["prototypes"] == 150 * 256

@@ -26,7 +26,7 @@ def test_pretrain_checkpoint_and_knn(shards, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     prototypes = torch.load(next((tmp_path / "run" / "checkpoints" / "step_00000006").glob("mp_rank_00_model_states.pt")),
-                            weights_only=False)["module"]["head.prototypes"]
+                            weights_only=False)["module"]["head.prototypes.0"]
     torch.testing.assert_close(prototypes.norm(dim=1), torch.ones(20))
     init = load_backbone_weights(tmp_path / "run" / "backbone_init.pt")
     final = load_backbone_weights(tmp_path / "run" / "backbone_final.pt")
@@ -120,7 +120,7 @@ def test_zero_stages_keep_prototypes_unit_norm_and_match_stage_0(shards, tmp_pat
 
     def normalize_and_record(zero_stage):  # after every step: ZeRO's fp32 copy, gathered
         normalize(zero_stage)
-        norms.append(safe_get_full_fp32_param(head.prototypes).norm(dim=1))
+        norms.append(safe_get_full_fp32_param(head.prototypes[0]).norm(dim=1))
 
     head.normalize_prototypes = normalize_and_record
     try:
@@ -170,7 +170,7 @@ def test_bf16_autocast_through_deepspeed(shards, tmp_path, stage, checkpointing)
     finally:
         trainer.close()
     assert conv_dtypes == [torch.bfloat16] * 4  # 2 steps x 2 crop sizes
-    assert trainer.model.head.prototypes.dtype == torch.float32  # weights (and prototypes) stay fp32
+    assert trainer.model.head.prototypes[0].dtype == torch.float32  # weights (and prototypes) stay fp32
     fp32 = pretrain(tiny_config(shards, tmp_path / "fp32", "train.steps=2", f"train.zero_stage={stage}"))
     losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("bf16", "fp32")}
