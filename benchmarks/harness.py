@@ -6,11 +6,12 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from engine.provenance import checkout_git, git_commit
 
 if TYPE_CHECKING:
     import torch
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 # Relative to the current directory: run from a checkout's root, records land in the committed benchmarks/results/;
 # an installed package has no results folder of its own to write into.
 RESULTS_DIR = Path("benchmarks") / "results"
-CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def percentiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -35,16 +35,6 @@ def percentiles(values: Sequence[float]) -> tuple[float, float, float]:
     return at(0.2), at(0.5), at(0.8)
 
 
-def _git(*args: str) -> str | None:
-    # Only in a checkout: an installed package may sit inside some other repository (a venv in a checkout).
-    if not (CHECKOUT / ".git").exists():
-        return None
-    try:
-        return subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def environment(device: torch.device) -> dict:
     """Commit (when run from a checkout), versions, time and the device of a record."""
     import torch  # here: the parsers of the benchmarks that use this module stay free of torch
@@ -55,8 +45,8 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    status = _git("status", "--porcelain", "kernels")
-    env = dict(commit=_git("rev-parse", "HEAD") or None,
+    status = checkout_git("status", "--porcelain", "kernels")
+    env = dict(commit=git_commit(),
                kernels_uncommitted_changes=None if status is None else bool(status),
                torch=torch.__version__, triton=triton_version, python=platform.python_version(),
                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -6,16 +6,16 @@
 
 The run is a Config, loaded as for `seer pretrain` (--config FILE and section.key=value overrides): model.* (backbone,
 head, prototypes, channels_last, activation_checkpointing), data.crops and data.channels, train.batch_size (images
-per step), train.precision (bf16 autocast or fp32) and swav.* (swav.backend: the loss kernels, auto = Triton on
-CUDA). train.zero_stage is not used: the step runs in one process at ZeRO 0.
+per step), train.precision (bf16 autocast or fp32), optim.* and swav.* (swav.backend: the loss kernels, auto =
+Triton on CUDA). The step runs in one process at ZeRO 0, whatever train.zero_stage says.
 
-What one step is: the trainer's step at ZeRO 0 (engine.training.pretrain.Pretrainer.train_step), run directly in
-PyTorch, not through a DeepSpeed engine (whose ZeRO-0 wrapper adds ~1 ms per step, and which the GPU check image
-lacks): the engine's SwAV model (engine.models.swav.build_swav_model: the backbone, the projection head, fp32
-prototypes, the SwAV loss of `kernels`) in training mode, forward under bf16 autocast (train.precision=bf16) or in
-fp32, backward, the engine's LARS optimizer (engine.training.optim, every group at the peak lr, prototypes not
-frozen), zero_grad and the prototype re-normalisation. Inputs: synthetic normal-noise crops of the recipe, created
-once on the device: data loading is excluded (`seer bench data` measures it). The first --warmup steps are not timed.
+What one step is: pretraining's step (engine.training.pretrain.SwAVTraining, run by engine.training.loop as in
+`seer pretrain`): the engine's SwAV model (backbone, projection head, fp32 prototypes, the SwAV loss of `kernels`)
+on a DeepSpeed engine at ZeRO 0 in one process, forward under bf16 autocast (train.precision=bf16) or in fp32,
+backward, the engine's LARS step (every group at the peak lr, prototypes not frozen) and the prototype
+re-normalisation. Inputs: synthetic normal-noise crops of the recipe, created once on the device: data loading is
+excluded (`seer bench data` measures it). The first --warmup steps are not timed; each timed step ends when its loss
+reaches the host.
 
 Reported (appended to benchmarks/results/train_<backbone>_<device>.json under the current directory, or --out, one
 record per run, with the command):
@@ -36,20 +36,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import re
 import shlex
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.harness import RESULTS_DIR, append_records, environment, percentiles, script_main
 from engine import plan as capacity
 from engine.config import Config, load_config
+from engine.training import loop
+from engine.training.pretrain import SwAVTraining
+from engine.training.runtime import Runtime
 
 # Dense tensor-core peak TFLOP/s by device-name fragment (first match wins): bf16 (V100: fp16, it has no bf16), and
 # TF32 for fp32 runs (V100 has no TF32: its fp32 peak).
@@ -83,43 +84,26 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class TrainStep:
-    """The engine's SwAV model, optimizer and step (as Pretrainer.train_step at ZeRO 0) on synthetic crops."""
+class Timings(list):
+    """Metrics records of the training loop, kept in memory (the loop's `metrics`)."""
 
-    def __init__(self, cfg: Config, device: torch.device):
-        from engine.models.swav import build_swav_model
-        from engine.training.optim import build_optimizer
+    def write(self, step: int, **record: float) -> None:
+        self.append(record)
 
-        if cfg.model.activation_checkpointing != "none":
-            from engine.distributed import init_distributed
 
-            init_distributed()  # DeepSpeed's activation checkpointing needs a process group
-        self.model = build_swav_model(cfg).to(device)
-        self.model.to(memory_format=self.model.memory_format)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        batch = cfg.train.batch_size
-        lr = cfg.optim.lr * batch / 256  # the peak lr of a one-rank run; prototypes not frozen
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.crops = capacity.synthetic_crops(cfg.data, batch, device)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                         else nullcontext())
+def bench_config(cfg: Config, steps: int) -> Config:
+    """`cfg` as the benchmark runs it: one process at ZeRO 0, every group at the peak lr from the first step
+    (prototypes not frozen), no progress bar."""
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, zero_stage=0, steps=steps, progress=False),
+        optim=dataclasses.replace(cfg.optim, warmup_steps=0, final_lr_fraction=1.0),
+        swav=dataclasses.replace(cfg.swav, freeze_prototypes_steps=0))
 
-    def __call__(self) -> torch.Tensor:
-        with self.autocast:
-            loss = self.model(self.crops)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            prototypes = self.model.head.prototypes
-            prototypes.copy_(F.normalize(prototypes.float(), dim=1))
-        return loss.detach()
 
-    def static_bytes(self) -> int:
-        """Weights, optimizer state and crops: what stays allocated between steps."""
-        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        return _tensor_bytes(list(self.model.parameters()) + list(self.model.buffers()) + state + self.crops)
+def static_bytes(task: SwAVTraining, crops: list[torch.Tensor]) -> int:
+    """Weights, optimizer state and crops: what stays allocated between steps."""
+    state = [t for s in task.engine.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return _tensor_bytes(list(task.model.parameters()) + list(task.model.buffers()) + state + crops)
 
 
 def benchmark(cfg: Config, *, steps: int, warmup: int, device: str | None = None, peak: float | None = None,
@@ -142,31 +126,35 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, device: str | None = None
                          gpu_mem_gib=1.0)
     flops = plan["train_flops_per_image"] * batch
 
-    torch.manual_seed(0)
-    step = TrainStep(cfg, dev)
+    cfg = bench_config(cfg, warmup + steps)
+    task = SwAVTraining(cfg, Runtime(cfg.train, channels_last=cfg.model.channels_last,
+                                     gradient_clipping=cfg.optim.gradient_clipping))
+    if task.dist.device != dev:
+        raise ValueError(f"--device {dev.type}: training runs on {task.dist.device} in this process")
+    batch_of_crops = {"crops": capacity.synthetic_crops(cfg.data, batch, dev)}
+    batches = itertools.repeat(batch_of_crops)
+    records = Timings()
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    def run_steps(start: int, end: int) -> None:
+        loop.train(task, batches, dist=task.dist, start=start, steps=end, log_every=1, images_per_step=batch,
+                   metrics=records, progress=False, desc="bench train")
 
-    losses = [step().item() for _ in range(warmup)]
-    sync()
+    run_steps(0, warmup)
     if dev.type == "cuda":
         static = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
+    run_steps(warmup, warmup + steps)
+    # Each record is one step, timed to the loss's arrival on the host (the loop waits for it).
+    times = [batch / r["img_per_s"] for r in records[warmup:]]
+    losses = [r["loss"] for r in records]
     if dev.type == "cuda":
         memory = {"method": "torch.cuda.max_memory_allocated over the timed steps", "static_bytes": static,
                   "step_peak_bytes": torch.cuda.max_memory_allocated(dev) - static}
     else:
         memory = {"method": "torch.profiler CPU allocation events over one extra step (engine.plan.cpu_peak_bytes)",
-                  "static_bytes": step.static_bytes(), "step_peak_bytes": capacity.cpu_peak_bytes(step)}
+                  "static_bytes": static_bytes(task, batch_of_crops["crops"]),
+                  "step_peak_bytes": capacity.cpu_peak_bytes(lambda: task.train_step(warmup + steps - 1,
+                                                                                     batch_of_crops))}
     plan_bytes = plan["bytes"]
     memory["plan"] = {
         "precision": plan["precision"],
@@ -193,7 +181,8 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, device: str | None = None
         "head": plan["head"],
         "steps": steps,
         "warmup_steps": warmup,
-        "step": "engine SwAV model + engine.training.optim LARS, plain PyTorch (no DeepSpeed engine), ZeRO 0, one process",
+        "step": "engine.training.pretrain.SwAVTraining through engine.training.loop: DeepSpeed engine at ZeRO 0, "
+                "one process",
         "data": "synthetic crops created once on the device: data loading excluded",
         "img_per_s": batch * steps / sum(times),
         "step_ms_p20": 1e3 * p20,

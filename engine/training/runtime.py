@@ -2,7 +2,6 @@
 resolved config, mixed precision, the memory format, and the run folder."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch import nn
 
 from engine.config import ConfigError
 from engine.distributed import DistInfo, init_distributed
+from engine.provenance import git_commit
 from engine.training.metrics import MetricsWriter
 
 
@@ -50,14 +50,6 @@ def nchw_reason(zero_stage: int, precision: str, device: torch.device) -> str | 
         # (0 of 12 in NCHW).
         return "bf16 on CPU: oneDNN's channels_last grouped-convolution backward returned NaN (torch 2.14.1)"
     return None
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 class Runtime:
