@@ -35,7 +35,7 @@ def read_manifest(shards_dir: str | os.PathLike) -> tuple[dict, list[str], list[
     path = folder / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: {folder} is not a packed shard folder (create one with dataloading.pack.pack)"
+            f"{path} not found: {folder} is not a packed shard folder (create one with `seer data pack SRC {folder}`)"
         )
     manifest = json.loads(path.read_text())
     if not manifest.get("shards") or manifest.get("kept", 0) == 0:

@@ -4,13 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
-import traceback
 from collections.abc import Sequence
-from pathlib import Path
-
-from engine.config import ConfigError
 
 
 def _pack(args) -> None:
@@ -217,22 +212,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-OUR_PACKAGES = tuple(Path(__file__).resolve().parents[1] / name
-                     for name in ("engine", "dataloading", "kernels", "benchmarks"))
-
-
-def error_report(err: BaseException) -> str:
-    """What the user sees of a bad-input error: one line "seer: error: ..." when this project raised it (its messages
-    name the key, file or shape at fault); the traceback first when a library raised it (perhaps a bug here, and
-    the message alone may not say which file or value), or always with SEER_TRACEBACK=1."""
-    frames = traceback.extract_tb(err.__traceback__)
-    ours = bool(frames) and any(Path(frames[-1].filename).resolve().is_relative_to(p) for p in OUR_PACKAGES)
-    line = f"seer: error: {err}"
-    if ours and os.environ.get("SEER_TRACEBACK", "0") == "0":
-        return line
-    return "".join(traceback.format_exception(err)) + line
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -244,18 +223,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     args.command_line = argv
-    try:
-        args.run(args)
-        code = 0
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(error_report(err), file=sys.stderr)
-        code = 2
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    from engine.distributed import shutdown_and_exit
+    from engine.distributed import run_rank_and_exit
 
-    shutdown_and_exit(code)
+    run_rank_and_exit(lambda: args.run(args))
 
 
 if __name__ == "__main__":

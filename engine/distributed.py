@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,15 +68,37 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def parameter_checksum(params) -> torch.Tensor:
+    """Sum and sum of squares of all parameters, in fp64: equal on every rank while data parallelism is in sync.
+    No copy of a parameter is made (a sum and a dot product each)."""
+    params = list(params)
+    sums = torch.zeros(2, dtype=torch.float64, device=params[0].device if params else "cpu")
+    for p in params:
+        flat = p.detach().reshape(-1)
+        sums += torch.stack([flat.sum(dtype=torch.float64), torch.dot(flat, flat).double()])
+    return sums
+
+
+def rank_divergence(params, device: torch.device) -> float:
+    """Largest difference between any rank's parameter checksum and rank 0's (collective; 0 when in sync): two fp64
+    numbers per rank gathered, where comparing the parameters themselves would cost full copies of the model."""
+    sums = parameter_checksum(params).to(device)
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+
 def shutdown_and_exit(code: int) -> None:
     """Leave the process group and exit without running interpreter teardown.
 
     torch's gloo threads race at interpreter shutdown and abort ~10-25% of 2-rank runs with
     `terminate called without an active exception` (../shared/PLATFORM.md); a barrier, an explicit destroy and
-    os._exit avoided it in ~90 runs.
+    os._exit avoided it in ~90 runs. A failing rank skips the barrier: its peers are in a training collective, not
+    here, and would hold it until the collective's timeout; it exits at once, and the launcher (DeepSpeed's,
+    torchrun, `srun --kill-on-bad-exit=1`) ends the other ranks.
     """
     gc.collect()
-    if dist.is_initialized():
+    if code == 0 and dist.is_initialized():
         try:
             dist.barrier()
             dist.destroy_process_group()
@@ -97,14 +118,20 @@ def launched_arguments(prog: str, description: str, add_arguments: Callable, arg
     return parser.parse_args(argv)
 
 
-def run_rank_and_exit(work: Callable[[], dict]) -> None:
-    """A launched rank's whole life: run `work`, print its JSON result on rank 0, report an error, exit cleanly."""
+def run_rank_and_exit(work: Callable[[], dict | None]) -> None:
+    """A process's whole life (a launched rank, or the `seer` command): run `work`, print its JSON result on rank 0,
+    report an error (one line for a user's error, prefixed with the rank in a job of several), and exit at once:
+    0 done, 2 a user's error, 1 anything else."""
     try:
         result = work()
-        if int(os.environ.get("RANK", "0")) == 0:
+        if result is not None and int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
         code = 0
-    except BaseException:  # print it here: shutdown_and_exit skips the interpreter's own report
-        traceback.print_exc()
-        code = 1
+    except BaseException as err:  # reported here: shutdown_and_exit skips the interpreter's own report
+        from engine.errors import USER_ERRORS, error_report
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"seer [rank {os.environ.get('RANK', '0')}]" if world > 1 else "seer"
+        print(error_report(err, prefix), file=sys.stderr)
+        code = 2 if isinstance(err, USER_ERRORS) else 1
     shutdown_and_exit(code)

@@ -48,7 +48,7 @@ def test_pack_folder_reports_kept_and_skipped(tmp_path):
 def test_errors_raised_in_a_library_keep_their_traceback(monkeypatch):
     import json as json_module
 
-    from engine.cli import error_report
+    from engine.errors import error_report
     from engine.config import load_config
 
     try:

@@ -73,6 +73,7 @@ class SwAVHead(nn.Module):
         # last take_assignment_counts(): the collapse monitor's prototype-usage statistics (engine/training/monitor.py).
         self.assignment_counts: list[torch.Tensor] | None = None
         self.head_losses: list[torch.Tensor] = []  # of the last forward, detached
+        self.last_embeddings: torch.Tensor | None = None
 
     def forward(self, features: torch.Tensor, n_crops: int) -> torch.Tensor:
         embeddings = self.projection(features)
@@ -83,6 +84,7 @@ class SwAVHead(nn.Module):
             if self.queue_started:
                 self._enqueue(embeddings.detach(), n_crops)
         self.head_losses = [loss.detach() for loss in losses]
+        self.last_embeddings = embeddings.detach()  # for a non-finite loss's diagnostics
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def _assigned(self, embeddings: torch.Tensor, n_crops: int) -> torch.Tensor:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -13,9 +14,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import kernels
 from dataloading.multicrop import build_train_loader
 from engine.config import Config, ConfigError, load_config, small_batch_advice
-from engine.distributed import launched_arguments, run_rank_and_exit
+from engine.distributed import launched_arguments, rank_divergence, run_rank_and_exit
 from engine.models.batchnorm import batch_norm_group
 from engine.models.swav import build_swav_model
 from engine.training import loop
@@ -23,6 +25,14 @@ from engine.training.checkpoint import Checkpointer, CheckpointWarning
 from engine.training.monitor import TrainingMonitor
 from engine.training.optim import build_optimizer, schedules
 from engine.training.runtime import Runtime
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss of `step` is not finite on some rank; its gradients were not applied."""
+
+    def __init__(self, step: int, diagnostics: dict):
+        super().__init__(f"loss is not finite at step {step}")
+        self.step, self.diagnostics = step, diagnostics
 
 
 class SwAVTraining:
@@ -58,10 +68,53 @@ class SwAVTraining:
         with self.runtime.autocast():
             loss = self.engine(batch["crops"])
         self.engine.backward(loss)
+        self._stop_unless_finite(step, loss)
         self.engine.step()
         head.normalize_prototypes(self.cfg.train.zero_stage)
         several = len(head.head_losses) > 1
         return {"loss": loss, **({f"loss_head{i}": x for i, x in enumerate(head.head_losses)} if several else {})}
+
+    def _stop_unless_finite(self, step: int, loss: torch.Tensor) -> None:
+        """One all-reduced flag per step, read before the optimizer step: no rank applies gradients of a non-finite
+        loss. (The host waits for it; under ZeRO 1/2 DeepSpeed's own gradient-overflow check waits each step too.)"""
+        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if self.dist.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() != 1:
+            raise NonFiniteLoss(step + 1, self.nonfinite_diagnostics(step, loss))
+
+    @torch.no_grad()
+    def nonfinite_diagnostics(self, step: int, loss: torch.Tensor) -> dict:
+        """What a user needs to see why a loss went non-finite (collective: every rank calls it)."""
+        head = self.model.head
+        losses = [None] * self.dist.world_size
+        dist.all_gather_object(losses, float(loss.detach()))
+
+        def stats(x: torch.Tensor) -> dict:
+            x = x.detach().float()
+            good = x[torch.isfinite(x)]
+            return {"non_finite": int((~torch.isfinite(x)).sum()), "min": float(good.min()) if good.numel() else None,
+                    "max": float(good.max()) if good.numel() else None}
+
+        out = {"step": step + 1, "loss_per_rank": losses, "loss_per_head": [float(x) for x in head.head_losses],
+               "lr": {g["name"]: g["lr"] for g in self.engine.optimizer.param_groups}}
+        embeddings = head.last_embeddings
+        with self.runtime.gathered(head.prototypes.parameters()):
+            unit = torch.nn.functional.normalize(embeddings.float(), dim=1)
+            out["embeddings"] = {**stats(embeddings), "norm": stats(embeddings.float().norm(dim=1))}
+            out["heads"] = []
+            for prototypes in head.prototypes:
+                scores = unit @ prototypes.float().T
+                batch, first = len(scores) // self.cfg.n_crops, self.cfg.swav.crops_for_assign[0]
+                assigned = scores[first * batch:(first + 1) * batch]
+                codes = kernels.sinkhorn(assigned, epsilon=self.cfg.swav.epsilon,
+                                         iterations=self.cfg.swav.sinkhorn_iterations, backend="torch")
+                out["heads"].append({"prototypes": stats(prototypes), "scores": stats(scores),
+                                     "codes_of_first_assigned_crop": stats(codes)})
+        params = [p for p in self.model.parameters()]
+        out["parameters_non_finite"] = sum(not torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in params)
+        out["gradients_non_finite"] = sum(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
+        return out
 
     def head_losses(self, means: dict[str, float]) -> list[float]:
         """The window's loss of each prototype head."""
@@ -119,9 +172,18 @@ class Pretrainer(SwAVTraining):
 
     def train(self) -> dict:
         train = self.cfg.train
-        loop.train(self, iter(self.loader), dist=self.dist, start=self.step, steps=train.steps,
-                   log_every=train.log_every, images_per_step=self.runtime.images_per_step, metrics=self.metrics,
-                   progress=train.progress, desc="pretrain")
+        try:
+            loop.train(self, iter(self.loader), dist=self.dist, start=self.step, steps=train.steps,
+                       log_every=train.log_every, images_per_step=self.runtime.images_per_step, metrics=self.metrics,
+                       progress=train.progress, desc="pretrain")
+        except NonFiniteLoss as err:
+            path = self.output_dir / f"nonfinite_step_{err.step:08d}.json"
+            if self.dist.is_main:
+                path.write_text(json.dumps(err.diagnostics, indent=2) + "\n")
+            raise FloatingPointError(
+                f"loss is not finite at step {err.step} (per rank: {err.diagnostics['loss_per_rank']}): its gradients "
+                f"were not applied and no checkpoint holds it; diagnostics (scores, codes, lr) in {path}. Usual "
+                f"suspects: optim.lr too high, swav.epsilon too small for fp16") from None
         self.save_backbone(self.output_dir / "backbone_final.pt")
         return {"steps": self.step, "output_dir": str(self.output_dir), "rank_divergence": self.rank_divergence(),
                 "parameters_on_rank": self.parameters_on_rank()}
@@ -162,17 +224,21 @@ class Pretrainer(SwAVTraining):
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
 
     def rank_divergence(self) -> float | None:
-        """Largest parameter difference between any rank and rank 0: data parallelism must keep it 0."""
+        """Largest difference between a rank's parameter checksum and rank 0's: data parallelism must keep it 0."""
         if self.cfg.train.zero_stage == 3:
             return None  # parameters are partitioned, not replicated
-        flat = torch.cat([p.detach().float().flatten() for p in self.model.parameters()])
-        reference = flat.clone()
-        dist.broadcast(reference, src=0)
-        divergence = (flat - reference).abs().max()
-        dist.all_reduce(divergence, op=dist.ReduceOp.MAX)
-        return divergence.item()
+        return rank_divergence(self.model.parameters(), self.dist.device)
 
     def save_checkpoint(self) -> None:
+        """A checkpoint of finite state only: a poisoned one would become `latest` and every resume would load it."""
+        tensors = [getattr(p, "ds_tensor", p) for p in self.model.parameters()] + list(self.model.buffers())
+        bad = torch.tensor([float(sum(not torch.isfinite(x).all() for x in tensors if x.is_floating_point()))],
+                           device=self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            raise FloatingPointError(f"{int(bad.item())} parameter or buffer tensor(s) are not finite at step "
+                                     f"{self.step}: no checkpoint was written; `latest` still names the last finite one")
         self.checkpointer.save(self.engine, self.step,
                                {"loader": self.loader.state_dict(), "rng": torch.get_rng_state(),
                                 "images_seen": self.images_seen(self.step), **self.model.head.queue_state()},
