@@ -6,7 +6,9 @@ warm-up lr, later steps by up to 3e-3).
 
 When the recipe changes on purpose, regenerate the values and paste them below:
     SEER_GOLDEN_UPDATE=1 python -m pytest tests/test_golden_loss.py
-(the test fails while the variable is set, printing the new GOLDEN_LOSSES line).
+(the test fails while the variable is set, printing the new GOLDEN_LOSSES line). They were taken on this project's
+2-core x86 machine with torch 2.14.1, on one thread: Sinkhorn's sharp ε amplifies rounding from step to step (two
+threads moved step 4 by 4e-5 and step 5 by 1e-3), so another CPU type or torch build can need them regenerated too.
 """
 import os
 
@@ -24,10 +26,13 @@ SHRUNK = ("train.batch_size=32", "train.steps=5", "train.log_every=1", "train.pr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the golden losses are CPU values; here training runs on CUDA")
+# 32 images give Sinkhorn fewer samples than the 300 prototypes, which the trainer warns about (the demo's 256 do not);
+# the losses still pin the recipe's arithmetic, and 160 images were 3x slower without rounding any steadier.
+@pytest.mark.filterwarnings("ignore:Sinkhorn spreads 64 samples per step")
 def test_demo_recipe_gives_the_golden_losses(shards, tmp_path):
     cfg = demo_config(*SHRUNK, *run_overrides(shards, tmp_path / "run"))
     assert cfg.train.precision == "fp32"
-    # One thread: another count sums in another order, and Sinkhorn's sharp ε amplifies rounding from step to step.
+    # One thread: another count sums in another order (see above).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
