@@ -167,10 +167,24 @@ def test_activation_checkpointing_trains_like_plain(sgd_run, stage):
         torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+# Crops of 18 px and more: at TINY's 16 px a stride-2 3x3 convolution meets a 1x1 input, whose weight gradient
+# torch 2.14.1 returns in bf16 on CPU as NaN or garbage in most calls (5 of 20 tiny bf16 runs ended in a NaN loss).
+BF16_CROPS = "data.crops=[{size: 24, count: 2, scale: [0.4, 1]}, {size: 18, count: 2, scale: [0.1, 0.4]}]"
+
+
+@pytest.fixture(scope="module")
+def fp32_first_loss(shards, tmp_path_factory):
+    """The first step's loss in fp32 with BF16_CROPS: it depends only on the seed's weights and the first batch."""
+    output_dir = tmp_path_factory.mktemp("fp32") / "run"
+    pretrain(tiny_config(shards, output_dir, "train.steps=1", BF16_CROPS))
+    return metrics_records(output_dir)[0]["loss"]
+
+
 @pytest.mark.parametrize("stage,checkpointing", [(0, "none"), (2, "block")])
-def test_bf16_autocast_through_deepspeed(reference_run, shards, tmp_path, stage, checkpointing):
+def test_bf16_autocast_through_deepspeed(fp32_first_loss, shards, tmp_path, stage, checkpointing):
     trainer = Pretrainer(tiny_config(shards, tmp_path / "bf16", "train.steps=2", f"train.zero_stage={stage}",
-                                     "train.precision=bf16", f"model.activation_checkpointing={checkpointing}"))
+                                     "train.precision=bf16", f"model.activation_checkpointing={checkpointing}",
+                                     BF16_CROPS))
     conv_dtypes = []
     trainer.model.backbone.stem.conv.register_forward_hook(lambda m, i, out: conv_dtypes.append(out.dtype))
     try:
@@ -179,6 +193,5 @@ def test_bf16_autocast_through_deepspeed(reference_run, shards, tmp_path, stage,
         trainer.close()
     assert conv_dtypes == [torch.bfloat16] * 4  # 2 steps x 2 crop sizes
     assert trainer.model.head.prototypes[0].dtype == torch.float32  # weights (and prototypes) stay fp32
-    # The first step's loss depends only on the seed's weights and the first batch: the fp32 reference run's.
-    bf16, fp32 = metrics_records(tmp_path / "bf16")[0]["loss"], metrics_records(reference_run["output_dir"])[0]["loss"]
-    assert bf16 != fp32 and abs(bf16 - fp32) < 0.05 * fp32
+    bf16 = metrics_records(tmp_path / "bf16")[0]["loss"]
+    assert bf16 != fp32_first_loss and abs(bf16 - fp32_first_loss) < 0.01 * fp32_first_loss  # seen: 6e-4 relative
