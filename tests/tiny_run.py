@@ -100,6 +100,12 @@ def launch_two_ranks(cfg, config_file: Path) -> subprocess.CompletedProcess:
 def spawn_ranks(worker, args: tuple, world_size: int) -> None:
     """torch.multiprocessing.spawn(worker, args, world_size), with the ranks forked from a server that imported
     RANK_IMPORTS once per test session (it holds one thread, so forking it is safe). The ranks inherit the
-    environment the server started with (at the first call), not the caller's at each call."""
+    environment the server started with (at the first call), not the caller's at each call.
+
+    On a CUDA machine the ranks are spawned as usual: importing DeepSpeed queries CUDA, which a fork cannot inherit.
+    """
+    if torch.cuda.is_available():
+        mp.spawn(worker, args=args, nprocs=world_size, join=True)
+        return
     multiprocessing.set_forkserver_preload(RANK_IMPORTS)
     mp.start_processes(worker, args=args, nprocs=world_size, join=True, start_method="forkserver")
