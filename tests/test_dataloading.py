@@ -211,7 +211,7 @@ def test_resume_refuses_another_rank_layout(shards):
 def test_flip_happens_about_half_the_time(shards):
     # No other augmentation and the full image as crop: a crop equals the image or its mirror.
     augment = AugmentConfig(flip_p=0.5, color_jitter_p=0.0, blur_p=0.0)
-    cfg = train_config(shards, crops=[CropGroup(28, 1, (1.0, 1.0))], augment=augment)
+    cfg = train_config(shards, crops=[CropGroup(28, 2, (1.0, 1.0))], augment=augment)  # data.crops needs 2; the first is checked
     eval_images = {}
     for batch in build_eval_loader(DataConfig(**GRAY), shards, size=28, batch_size=64, with_index=True):
         eval_images.update(zip(batch["index"].tolist(), batch["image"]))
@@ -231,7 +231,7 @@ def test_grayscale_p_one_gives_gray_rgb_crops(tmp_path):
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "colour" / f"{i}.png")
     pack(tmp_path / "colour", tmp_path / "shards", labels_from_folders=False, progress=False)
-    rgb = dict(channels=3, mean=(0.5,) * 3, std=(0.25,) * 3, crops=[CropGroup(16, 1, (0.5, 1.0))])
+    rgb = dict(channels=3, mean=(0.5,) * 3, std=(0.25,) * 3, crops=[CropGroup(16, 2, (0.5, 1.0))])
     for grayscale_p, gray in ((1.0, True), (0.0, False)):
         augment = AugmentConfig(color_jitter_p=0.0, grayscale_p=grayscale_p)
         crops = next(build_train_loader(train_config(tmp_path / "shards", augment=augment, **rgb), batch_size=8))
