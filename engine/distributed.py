@@ -62,7 +62,9 @@ def init_distributed() -> DistInfo:
         rendezvous = tempfile.mkdtemp(prefix="seer-rendezvous-")
         dist.init_process_group(backend, init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
     if not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        # dist_init_required=False: DeepSpeed adopts the group made above instead of looking for the launcher's
+        # variables (and, without them, for MPI).
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, dist_init_required=not alone)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
