@@ -46,9 +46,9 @@ def init_distributed() -> DistInfo:
     """
     import deepspeed  # heavy import, only where training starts
 
-    alone = "RANK" not in os.environ
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
     if alone:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

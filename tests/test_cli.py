@@ -5,11 +5,12 @@ import subprocess
 
 from PIL import Image
 
-from tiny_run import SEER
+from tiny_run import SEER, child_env
 
 
 def seer(*args, cwd=None):
-    return subprocess.run([SEER, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run([SEER, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=child_env())
 
 
 def test_bad_config_key_is_one_clear_error(tmp_path):
