@@ -130,15 +130,15 @@ def setup(op, mode, provider, shape, dtype, device):
             n, nkb = n_crops * b, triton.cdiv(k, cfg["BLOCK_K"])
             out = torch.empty(n, k, device=device)
             part = torch.empty(n, nkb, device=device)
+            best = torch.empty(2, n, nkb, device=device)
             rinv = torch.empty(n, device=device)
             e, p = embeddings.detach(), prototypes.detach()
 
             def run():
                 head._swav_scores_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), nkb)](
-                    out, out.stride(0), part, rinv, e, e.stride(0), e.stride(1), p, p.stride(0), p.stride(1),
+                    out, out.stride(0), part, best, rinv, e, e.stride(0), e.stride(1), p, p.stride(0), p.stride(1),
                     n, k, d, nkb, 1.0 / SETTINGS["temperature"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                    BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], DOT_PRECISION=kernels._triton.dot_precision(),
-                    num_warps=cfg["num_warps"])
+                    BLOCK_D=cfg["BLOCK_D"], DOT=cfg["DOT"], num_warps=cfg["num_warps"])
                 return torch.logsumexp(part, dim=1)
             return run, []
         fn = maybe_compile(reference_scores)

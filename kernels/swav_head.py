@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ._backend import resolve_backend
-from ._triton import INTERPRET, MAX_TILE, NEG, dot_precision, num_warps, pow2
+from ._triton import MAX_TILE, NEG, dot, dot_inputs, dot_operand, num_warps, pow2
 from .sinkhorn import _row_stats, sinkhorn_potentials, sinkhorn_reference
 
 
@@ -73,7 +73,8 @@ def swav_loss_reference(
     sinkhorn_iterations: int = 3,
     group=None,
     queue: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_nearest: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch SwAV loss; see `swav_loss` for the contract."""
     _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations, queue)
     dtype = torch.promote_types(torch.promote_types(embeddings.dtype, prototypes.dtype), torch.float32)
@@ -93,7 +94,10 @@ def swav_loss_reference(
         others = [v for v in range(n_crops) if v != a]
         # Cross-entropy, averaged over the predicting crops and the local samples at once.
         terms.append(-(q * log_p[others]).sum(dim=2).mean())
-    return torch.stack(terms).mean()
+    loss = torch.stack(terms).mean()
+    if return_nearest:
+        return loss, scores.detach()[list(crops_for_assign)].argmax(dim=2)
+    return loss
 
 
 def swav_loss(
@@ -108,13 +112,18 @@ def swav_loss(
     group=None,
     queue: torch.Tensor | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_nearest: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SwAV swapped-prediction loss of a multi-crop batch, as a scalar.
 
     embeddings: (n_crops·B) × D head outputs in crop-major order (rows c·B .. (c+1)·B - 1 are crop c), not
     yet normalized: the op L2-normalizes each row. prototypes: K × D, used as given (normalize them after
-    each optimizer step, as SwAV does). Scores are computed in float32, or float64 if an input is float64;
-    the loss has that dtype.
+    each optimizer step, as SwAV does). Scores are float32, or float64 if an input is float64; the loss has that
+    dtype. The reference multiplies in that dtype; the Triton kernels multiply on tensor cores with fp32
+    accumulation, in bf16 (fp16) when either input is bf16 (fp16), the other one rounded to it in the kernel (bf16
+    embeddings × fp32 prototypes: autocast's training path, rounded as autocast rounds the reference's matmul), in
+    TF32 for fp32 inputs when torch allows TF32 matmuls (torch.backends.cuda.matmul), in exact fp32 otherwise
+    (benchmarks/README.md states what each costs in accuracy).
 
     For each crop a in crops_for_assign, Sinkhorn codes q of crop a's scores (no gradient) are predicted
     by every other crop v through softmax(scores_v / temperature); the loss is the cross-entropy averaged
@@ -131,6 +140,10 @@ def swav_loss(
     backend: "torch" (the reference), "triton" (fused kernels: float16/bfloat16/float32 inputs, fp32 compute; CUDA
     tensors, or CPU tensors in Triton's interpreter), or "auto" ("triton" for CUDA tensors unless an input is
     float64, "torch" otherwise).
+    return_nearest: also return, as int64 len(crops_for_assign) × B, the prototype each assigned crop's sample
+    scores highest against (argmax_k of its score row; row i belongs to crops_for_assign[i]), for prototype-usage
+    monitors: (loss, nearest). Triton takes it from the scoring pass (no second score matrix); between prototypes
+    whose scores tie to within the matmul's rounding the two backends may pick differently.
     """
     inputs = (embeddings, prototypes) if queue is None else (embeddings, prototypes, queue)
     if resolve_backend(backend, *inputs, op="swav_loss") == "triton":
@@ -138,7 +151,7 @@ def swav_loss(
                     queue)
         queue = queue.detach() if queue is not None and queue.shape[1] else None
         return _swav_loss_triton(embeddings, prototypes, queue, n_crops, tuple(crops_for_assign), temperature,
-                                 epsilon, sinkhorn_iterations, group)
+                                 epsilon, sinkhorn_iterations, group, return_nearest)
     return swav_loss_reference(
         embeddings,
         prototypes,
@@ -149,6 +162,7 @@ def swav_loss(
         sinkhorn_iterations=sinkhorn_iterations,
         group=group,
         queue=queue,
+        return_nearest=return_nearest,
     )
 
 
@@ -185,17 +199,19 @@ def swav_loss(
 
 @triton.jit
 def _swav_scores_kernel(
-    s_ptr, stride_sn, lse_part_ptr, rinv_ptr,  # outputs
+    s_ptr, stride_sn, lse_part_ptr, best_part_ptr, rinv_ptr,  # outputs
     e_ptr, stride_en, stride_ed, p_ptr, stride_pk, stride_pd,  # inputs
     N, K, D, NKB, inv_temp,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_STATS: tl.constexpr = True,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    ROW_STATS: tl.constexpr = True,
 ):
-    """One BLOCK_N × BLOCK_K tile of S = (E @ Pᵀ) / ‖E‖ and, if ROW_STATS, its rows' partial log Σ exp(S/T) and
-    1/‖E‖ (the loss and the backward need them for the batch, Sinkhorn alone reads the queue's scores).
+    """One BLOCK_N × BLOCK_K tile of S = (E @ Pᵀ) / ‖E‖ and, if ROW_STATS, its rows' partial log Σ exp(S/T), their
+    partial maxima of S with the column they sit in, and 1/‖E‖ (the loss, the nearest prototypes and the backward
+    need them for the batch; Sinkhorn alone reads the queue's scores).
 
-    UPCAST: both operands go to fp32 before tl.dot (fp32 or mixed inputs, and always in the interpreter, where
-    bf16 is wrong); otherwise the 16-bit operands multiply exactly on tensor cores with fp32 accumulation.
+    DOT (see dot_inputs): the operands' tensor-core input type; ‖e‖ is summed from E as stored, in fp32, and
+    scales the fp32 accumulator, so the normalization itself is never rounded to the operand type.
+    best_part: [2, N, NKB] fp32, the maxima then their columns (exact in fp32 below 2^24 prototypes).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -215,10 +231,7 @@ def _swav_scores_kernel(
         pt = tl.load(p_ptrs, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
         e32 = e.to(tl.float32)
         sumsq += tl.sum(e32 * e32, axis=1)
-        if UPCAST:
-            acc = tl.dot(e32, pt.to(tl.float32), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(e, pt, acc)
+        acc = dot(dot_operand(e, DOT), dot_operand(pt, DOT), acc, DOT)
         e_ptrs += BLOCK_D * stride_ed
         p_ptrs += BLOCK_D * stride_pd
     rinv = 1.0 / tl.maximum(tl.sqrt_rn(sumsq), 1e-12)  # F.normalize's eps
@@ -226,10 +239,14 @@ def _swav_scores_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     tl.store(s_ptr + rows64[:, None] * stride_sn + cols[None, :], scores, mask=mask)
     if ROW_STATS:
+        best, best_col = tl.max(tl.where(mask, scores, NEG), axis=1, return_indices=True)
         y = tl.where(mask, scores * inv_temp, NEG)
         y_max = tl.max(y, axis=1)
         lse = y_max + tl.log(tl.sum(tl.exp(y - y_max[:, None]), axis=1))
-        tl.store(lse_part_ptr + rows64 * NKB + pid_k, lse, mask=row_mask)
+        part = rows64 * NKB + pid_k
+        tl.store(lse_part_ptr + part, lse, mask=row_mask)
+        tl.store(best_part_ptr + part, best, mask=row_mask)
+        tl.store(best_part_ptr + N * NKB + part, (pid_k * BLOCK_K + best_col).to(tl.float32), mask=row_mask)
         tl.store(rinv_ptr + rows, rinv, mask=row_mask & (pid_k == 0))
 
 
@@ -318,23 +335,27 @@ def _l2norm_backward_kernel(
 
 
 def head_config(n: int, k: int, d: int, b: int, embeddings_dtype, prototypes_dtype) -> dict:
-    """Block sizes of the head's kernels (the one place they are chosen; arithmetic for H100/H200, not measured).
+    """Block sizes and matmul input type of the head's kernels (the one place they are chosen; arithmetic for
+    H100/H200, not measured).
 
-    scores: 64 × 128 output tiles (fp32 accumulator: 32 registers per thread at 8 warps) over D in 32-element fp32
-    or 64-element 16-bit steps (24 KB of operands per pipeline stage); programs along N are adjacent in launch
-    order, so the row blocks of one P tile hit L2. loss: (16 or 32 samples) × 128 prototypes; at SEER's per-GPU
-    shape (B = 16, K = 16,000) that is 125 programs, about one wave of 132 SMs. norm backward: whole rows.
+    dot: what the matmuls multiply (dot_inputs: bf16 for bf16 embeddings × fp32 prototypes).
+    scores: 64 × 128 output tiles (fp32 accumulator: 32 registers per thread at 8 warps) over D in 64-element steps
+    for 16-bit operands, 32-element steps for fp32 (24 KB of operands per pipeline stage either way); programs along N
+    are adjacent in launch order, so the row blocks of one P tile hit L2. loss: (16 or 32 samples) × 128
+    prototypes; at SEER's per-GPU shape (B = 16, K = 16,000) that is 125 programs, about one wave of 132 SMs.
+    norm backward: whole rows.
     """
-    two_byte = embeddings_dtype == prototypes_dtype and embeddings_dtype in (torch.float16, torch.bfloat16)
-    scores = dict(BLOCK_N=pow2(n, 16, 64), BLOCK_K=pow2(k, 16, 128), BLOCK_D=pow2(d, 16, 64 if two_byte else 32),
-                  UPCAST=INTERPRET or not two_byte)
+    dot = dot_inputs(embeddings_dtype, prototypes_dtype)
+    sixteen_bit = dot in ("bf16", "fp16")
+    scores = dict(BLOCK_N=pow2(n, 16, 64), BLOCK_K=pow2(k, 16, 128), BLOCK_D=pow2(d, 16, 64 if sixteen_bit else 32),
+                  DOT=dot)
     scores["num_warps"] = num_warps(scores["BLOCK_N"] * scores["BLOCK_K"])
     loss = dict(BLOCK_B=pow2(b, 16, 32), BLOCK_K=pow2(k, 32, 128))
     loss["num_warps"] = num_warps(loss["BLOCK_B"] * loss["BLOCK_K"])
     block_d = triton.next_power_of_2(d)
     norm = dict(BLOCK_N=pow2(MAX_TILE // block_d, 1, 64), BLOCK_D=block_d)
     norm["num_warps"] = num_warps(norm["BLOCK_N"] * block_d)
-    return dict(scores=scores, loss=loss, norm=norm)
+    return dict(dot=dot, scores=scores, loss=loss, norm=norm)
 
 
 @functools.lru_cache(maxsize=64)
@@ -347,8 +368,11 @@ def _crop_table(device, n_crops, b, crops_for_assign):
     return torch.tensor([a * b for a in crops_for_assign] + slots, dtype=torch.int32, device=device)
 
 
-def _queue_scores(queue, prototypes, b):
-    """normalize(queue) @ Pᵀ as an (n_assign·L) × K fp32 matrix: the extra Sinkhorn rows of the assigned crops."""
+def _queue_scores(queue, prototypes, b, dot):
+    """normalize(queue) @ Pᵀ as an (n_assign·L) × K fp32 matrix: the extra Sinkhorn rows of the assigned crops.
+
+    dot: the batch's matmul input type, so that queue and batch rows of one Sinkhorn problem are rounded alike.
+    """
     n_assign, length, d = queue.shape
     k = prototypes.shape[0]
     rows = queue.reshape(n_assign * length, d)  # a view unless the queue's strides forbid it (then a copy)
@@ -356,20 +380,21 @@ def _queue_scores(queue, prototypes, b):
     nkb = triton.cdiv(k, sc["BLOCK_K"])
     scores = torch.empty(n_assign * length, k, device=queue.device, dtype=torch.float32)
     _swav_scores_kernel[(triton.cdiv(n_assign * length, sc["BLOCK_N"]), nkb)](
-        scores, scores.stride(0), scores, scores,  # no row statistics: the placeholders are never written
+        scores, scores.stride(0), scores, scores, scores,  # no row statistics: the placeholders are never written
         rows, rows.stride(0), rows.stride(1), prototypes, prototypes.stride(0), prototypes.stride(1),
         n_assign * length, k, d, nkb, 1.0,
-        BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], BLOCK_D=sc["BLOCK_D"], UPCAST=sc["UPCAST"],
-        DOT_PRECISION=dot_precision(), ROW_STATS=False, num_warps=sc["num_warps"],
+        BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], BLOCK_D=sc["BLOCK_D"], DOT=dot, ROW_STATS=False,
+        num_warps=sc["num_warps"],
     )
     return scores
 
 
 @torch.compiler.disable
 def swav_loss_forward(embeddings, prototypes, *, n_crops, crops_for_assign, temperature, epsilon, iterations,
-                      group, need_grad, queue=None):
-    """Loss (0-d fp32) and, if need_grad, (dL/dS: N × K fp32, 1/‖E‖: N fp32) for swav_loss_backward.
+                      group, need_grad, queue=None, nearest=False):
+    """(loss: 0-d fp32, dL/dS: N × K fp32 or None, 1/‖E‖: N fp32 or None, nearest prototypes or None).
 
+    dL/dS and 1/‖E‖ (for swav_loss_backward) if need_grad; nearest (int64 n_assign × B, see swav_loss) if nearest.
     queue: None or a non-empty n_assign × L × D tensor (see swav_loss), read without gradient.
     """
     n, d = embeddings.shape
@@ -383,18 +408,23 @@ def swav_loss_forward(embeddings, prototypes, *, n_crops, crops_for_assign, temp
     nkb_scores = triton.cdiv(k, sc["BLOCK_K"])
     scores = torch.empty(n, k, device=dev, dtype=torch.float32)
     lse_part = torch.empty(n, nkb_scores, device=dev, dtype=torch.float32)
+    best_part = torch.empty(2, n, nkb_scores, device=dev, dtype=torch.float32)
     rinv = torch.empty(n, device=dev, dtype=torch.float32)
     _swav_scores_kernel[(triton.cdiv(n, sc["BLOCK_N"]), nkb_scores)](
-        scores, scores.stride(0), lse_part, rinv,
+        scores, scores.stride(0), lse_part, best_part, rinv,
         embeddings, embeddings.stride(0), embeddings.stride(1), prototypes, prototypes.stride(0), prototypes.stride(1),
         n, k, d, nkb_scores, 1.0 / temperature,
-        BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], BLOCK_D=sc["BLOCK_D"], UPCAST=sc["UPCAST"],
-        DOT_PRECISION=dot_precision(), num_warps=sc["num_warps"],
+        BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], BLOCK_D=sc["BLOCK_D"], DOT=sc["DOT"],
+        num_warps=sc["num_warps"],
     )
     lse = torch.logsumexp(lse_part, dim=1)  # log Σ_k exp(S/T) per row, from the scoring pass's partials
+    nearest_rows = None
+    if nearest:
+        best, best_col = best_part.view(2, n_crops, b, nkb_scores)[:, list(crops_for_assign)]
+        nearest_rows = best_col.gather(2, best.argmax(dim=2, keepdim=True)).squeeze(2).long()
 
     table = _crop_table(dev, n_crops, b, crops_for_assign)
-    queue_scores = None if queue is None else _queue_scores(queue, prototypes, b)
+    queue_scores = None if queue is None else _queue_scores(queue, prototypes, b, cfg["dot"])
     log_u, rpart, sk = sinkhorn_potentials(scores, table[:n_assign], b, epsilon=epsilon, iterations=iterations,
                                            group=group, extra_rows=queue_scores)
 
@@ -408,7 +438,7 @@ def swav_loss_forward(embeddings, prototypes, *, n_crops, crops_for_assign, temp
         num_warps=lc["num_warps"],
     )
     loss = loss_part.sum()
-    return (loss, scores, rinv) if need_grad else (loss, None, None)
+    return (loss, scores if need_grad else None, rinv if need_grad else None, nearest_rows)
 
 
 @torch.compiler.disable
@@ -432,32 +462,37 @@ def swav_loss_backward(grad_loss, grad_scores, embeddings, prototypes, rinv, nee
 
 
 class SwAVLossFunction(torch.autograd.Function):
-    """Triton SwAV loss: forward computes the loss and dL/dS; backward chains dL/dS into E and P."""
+    """Triton SwAV loss: forward computes the loss and dL/dS (and the nearest prototypes if asked: a second output,
+    without gradient); backward chains dL/dS into E and P."""
 
     @staticmethod
     def forward(ctx, embeddings, prototypes, queue, n_crops, crops_for_assign, temperature, epsilon, iterations,
-                group):
+                group, nearest):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with torch.autocast(embeddings.device.type, enabled=False):  # the kernels choose their own precision
-            loss, grad_scores, rinv = swav_loss_forward(
+            loss, grad_scores, rinv, nearest_rows = swav_loss_forward(
                 embeddings, prototypes, n_crops=n_crops, crops_for_assign=crops_for_assign, temperature=temperature,
                 epsilon=epsilon, iterations=iterations, group=group, need_grad=need_grad, queue=queue,
+                nearest=nearest,
             )
         if need_grad:
             ctx.save_for_backward(embeddings, prototypes, grad_scores, rinv)
+        if nearest:
+            ctx.mark_non_differentiable(nearest_rows)
+            return loss, nearest_rows
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *grad_nearest):
         embeddings, prototypes, grad_scores, rinv = ctx.saved_tensors
-        with torch.autocast(embeddings.device.type, enabled=False):  # fp32 matmuls, whatever the caller's autocast
+        with torch.autocast(embeddings.device.type, enabled=False):  # the kernels choose their own precision
             de, dp = swav_loss_backward(grad_loss, grad_scores, embeddings, prototypes, rinv,
                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return de, dp, None, None, None, None, None, None, None  # the queue is detached: no gradient
+        return de, dp, None, None, None, None, None, None, None, None  # the queue is detached: no gradient
 
 
 @torch.compiler.disable  # torch.compile of a caller runs this eagerly (a graph break), kernels and all
 def _swav_loss_triton(embeddings, prototypes, queue, n_crops, crops_for_assign, temperature, epsilon, iterations,
-                      group):
+                      group, nearest):
     return SwAVLossFunction.apply(embeddings, prototypes, queue, n_crops, crops_for_assign, temperature, epsilon,
-                                  iterations, group)
+                                  iterations, group, nearest)

@@ -74,6 +74,77 @@ def test_matches_reference_and_fp64(dtype, epsilon, iterations, crops_for_assign
         assert_close(grad_p, want[2], atol=grad_atol, rtol=grad_rtol, name=f"prototypes grad vs {what}")
 
 
+# What the tensor-core input types cost, against fp64 on the same stored inputs. Interpreted, the kernels round
+# their operands exactly as the GPU does (kernels._triton.dot_operand) and multiply them exactly, so this measures
+# the operand rounding; not measured here: the order of the GPU's fp32 accumulation. Largest errors seen over
+# ε ∈ {0.01, 0.03, 0.05} × {3, 10} iterations × crops (0, 1) and (0, 2, 4), loss relative and gradients as a
+# fraction of the largest fp64 gradient entry:
+#   bf16 embeddings × fp32 prototypes (prototypes rounded to bf16): loss 8.9e-5, dE 0.68%, dP 0.39%;
+#   fp32 with TF32 allowed (both rounded to tf32, to nearest):     loss 8.0e-6, dE 0.066%, dP 0.076%.
+# (fp32 without TF32, bf16 × bf16 and fp16 × fp16 multiply unrounded values: the tolerances of CASES above.)
+DOT_CASES = [  # inputs, embeddings dtype, prototypes dtype, TF32 allowed, expected dot, loss rtol, gradient fraction
+    pytest.param(torch.bfloat16, torch.float32, False, "bf16", 2e-4, 1.5e-2, id="bf16xfp32"),
+    pytest.param(torch.float32, torch.float32, True, "tf32", 2e-5, 2e-3, id="fp32-tf32"),
+]
+
+
+@pytest.fixture
+def fp32_matmul_precision():
+    """set(value): torch's TF32 switch for fp32 matmuls ("tf32" or "ieee"), restored after the test."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    yield lambda value: setattr(matmul, "fp32_precision", value)
+    matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("epsilon,iterations,crops_for_assign", [(0.01, 10, (0, 1)), (0.05, 3, (0, 2, 4))])
+@pytest.mark.parametrize("e_dtype,p_dtype,tf32,dot,loss_rtol,grad_fraction", DOT_CASES)
+def test_tensor_core_inputs_vs_fp64(fp32_matmul_precision, e_dtype, p_dtype, tf32, dot, loss_rtol, grad_fraction, epsilon,
+                                    iterations, crops_for_assign):
+    fp32_matmul_precision("tf32" if tf32 else "ieee")
+    assert head.head_config(42, K, D, B, e_dtype, p_dtype)["dot"] == dot
+    embeddings, prototypes = make_inputs(seed=iterations + len(crops_for_assign))
+    embeddings = embeddings.detach().to(e_dtype).requires_grad_()
+    prototypes = prototypes.detach().to(p_dtype).requires_grad_()
+    loss, grad_e, grad_p = loss_and_grads(embeddings, prototypes, "triton", n_crops=N_CROPS,
+                                          crops_for_assign=crops_for_assign, epsilon=epsilon,
+                                          sinkhorn_iterations=iterations)
+    assert grad_e.dtype == e_dtype and grad_p.dtype == p_dtype
+    e64, p64 = (t.detach().double().requires_grad_() for t in (embeddings, prototypes))
+    loss64 = fp64_swav_loss(e64, p64, N_CROPS, crops_for_assign, 0.1, epsilon, iterations)
+    want_e, want_p = torch.autograd.grad(loss64, (e64, p64))
+    assert_close(loss, loss64, atol=0, rtol=loss_rtol, name=f"{dot} loss vs fp64")
+    assert_close(grad_e, want_e, atol=grad_fraction * want_e.abs().max().item(), rtol=0, name=f"{dot} dE vs fp64")
+    assert_close(grad_p, want_p, atol=grad_fraction * want_p.abs().max().item(), rtol=0, name=f"{dot} dP vs fp64")
+
+
+def test_dot_inputs_follow_dtypes_and_torch_tf32_setting(fp32_matmul_precision):
+    from kernels._triton import dot_inputs
+
+    fp32_matmul_precision("ieee")
+    assert dot_inputs(torch.bfloat16, torch.float32) == "bf16" and dot_inputs(torch.float32, torch.bfloat16) == "bf16"
+    assert dot_inputs(torch.bfloat16, torch.bfloat16) == "bf16" and dot_inputs(torch.float16, torch.float32) == "fp16"
+    assert dot_inputs(torch.float32, torch.float32) == "ieee" and dot_inputs(torch.bfloat16, torch.float16) == "ieee"
+    fp32_matmul_precision("tf32")
+    assert dot_inputs(torch.float32, torch.float32) == "tf32" and dot_inputs(torch.bfloat16, torch.float32) == "bf16"
+
+
+def test_nearest_prototypes():
+    """return_nearest: each assigned crop's argmax prototype, from the scoring pass (3 column blocks at K = 300)."""
+    embeddings, prototypes = make_inputs(seed=8)
+    kwargs = dict(n_crops=N_CROPS, crops_for_assign=(1, 4), epsilon=0.05, sinkhorn_iterations=3)
+    loss, nearest = swav_loss(embeddings, prototypes, backend="triton", return_nearest=True, **kwargs)
+    ref_loss, ref_nearest = swav_loss(embeddings, prototypes, backend="torch", return_nearest=True, **kwargs)
+    scores = F.normalize(embeddings.detach().double(), dim=1) @ prototypes.detach().double().T
+    want = scores.view(N_CROPS, B, K)[[1, 4]].argmax(dim=2)
+    assert nearest.dtype == torch.int64 and nearest.shape == (2, B) and not nearest.requires_grad
+    assert torch.equal(nearest, want) and torch.equal(ref_nearest, want)
+    assert_close(loss, ref_loss, atol=0, rtol=1e-6, name="loss")
+    (grad_e,) = torch.autograd.grad(loss, embeddings)  # the second output leaves the gradient alone
+    (want_e,) = torch.autograd.grad(swav_loss(embeddings, prototypes, backend="torch", **kwargs), embeddings)
+    assert_close(grad_e, want_e, atol=1e-7, rtol=1e-4, name="embeddings grad")
+
+
 @pytest.mark.parametrize("crops_for_assign", [(0,), (0, 1)])
 def test_looped_paths(crops_for_assign):
     """2 crops × 37 samples, D = 40: two 32-sample loss tiles, two score row blocks, two D steps."""
