@@ -29,12 +29,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: kernels and benchmarks from this checkout
+from benchmarks.swav_head import SHAPES  # noqa: E402  (n_crops, samples per crop, D, K): the benchmark's shapes
+
 RESULTS = ROOT / "benchmarks" / "results"
-SHAPES = {  # name: (n_crops, samples per crop, D, K), as benchmarks/swav_head.py's
-    "seer": (6, 16, 256, 16000),  # SEER's per-GPU batch: 2×16 + 4×16 embeddings
-    "large": (8, 512, 256, 16000),  # 2 + 6 crops (SwAV's RN50 recipe) × 512 samples
-    "large_k65k": (8, 512, 256, 65536),
-}
 QUEUE_LENGTH = 256  # rows per assigned crop, for the launches with a queue
 INPUTS = {  # label: (embeddings dtype, prototypes dtype, TF32 allowed)
     "fp32": ("float32", "float32", False),
@@ -42,7 +40,7 @@ INPUTS = {  # label: (embeddings dtype, prototypes dtype, TF32 allowed)
     "bf16": ("bfloat16", "bfloat16", False),
     "bf16xfp32": ("bfloat16", "float32", False),
 }
-SCENARIOS = ("train", "no-grad", "queue", "group")
+SCENARIOS = ("train", "no-grad", "queue", "group", "frozen")
 H100_SHARED_BYTES = 227 * 1024  # most dynamic shared memory one block may use on sm_90
 
 
@@ -56,7 +54,7 @@ def caught_launches(modules):
     for module in modules:
         for name in dir(module):
             fn = getattr(module, name)
-            if name.endswith("_kernel") and isinstance(fn, triton.runtime.JITFunction):
+            if name.endswith("_kernel") and isinstance(fn, triton.runtime.jit.KernelInterface):  # compiled or interpreted
                 kernels.append(fn)
     for fn in kernels:
         fn.run = lambda *args, fn=fn, grid, warmup, **kwargs: launches.append((fn, args, kwargs))
@@ -77,7 +75,7 @@ class _NoCommunication:
         return None
 
 
-def launches_of(shape, inputs, scenario):
+def launches_of(shape, inputs, scenario, iterations=3):
     """Every kernel launch of one swav_loss call (forward and, when training, backward) on meta tensors."""
     import torch
 
@@ -95,15 +93,16 @@ def launches_of(shape, inputs, scenario):
     sk_dist, sk.dist = sk.dist, _NoCommunication
     try:
         with caught_launches((head, sk)) as launches:
-            loss, grad_scores, rinv, _ = head.swav_loss_forward(
+            loss, grad, rinv, _ = head.swav_loss_forward(
                 embeddings, prototypes, n_crops=n_crops, crops_for_assign=(0, 1), temperature=0.1, epsilon=0.03,
-                iterations=3, group="group" if scenario == "group" else None, need_grad=train, queue=queue,
+                iterations=iterations, group="group" if scenario == "group" else None, need_grad=train, queue=queue,
                 nearest=True)
-            if train:
-                head.swav_loss_backward(torch.ones((), **meta), grad_scores, embeddings, prototypes, rinv, True, True)
+            if train:  # "frozen": prototypes without gradient, as in SwAV's first iterations
+                head.swav_loss_backward(torch.ones((), **meta), grad, embeddings, prototypes, rinv,
+                                        head.loss_weight(b, n_crops, 2), True, scenario != "frozen")
             if scenario == "no-grad":  # the public sinkhorn op on this input type's scores
                 sk.sinkhorn_forward(torch.empty(b, k, dtype=getattr(torch, e_dtype), **meta), epsilon=0.03,
-                                    iterations=3, group=None)
+                                    iterations=iterations, group=None)
     finally:
         matmul.fp32_precision = before
         sk.dist = sk_dist
@@ -178,7 +177,6 @@ def write_record(out: Path) -> None:
     import torch
     import triton
 
-    sys.path.insert(0, str(ROOT))
     from engine.provenance import checkout_git, git_commit
 
     with tempfile.TemporaryDirectory() as tmp:
