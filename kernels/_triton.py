@@ -79,9 +79,10 @@ def dot_inputs(*dtypes: torch.dtype) -> str:
 def dot_operand(x, DOT: tl.constexpr):
     """x as tl.dot's operand for the input type DOT (see dot_inputs): in the 16-bit type, or fp32 for tf32/ieee.
 
-    tf32 operands are rounded to nearest (cvt.rna, as cuBLAS rounds): fed fp32 registers, the tf32 wgmma reads only
-    their top 19 bits, a truncation whose bias (every product too small, by 2^-11 on average) moved SwAV's loss
-    80x more than rounding in the interpreted tests (benchmarks/README.md). The interpreter computes every dot
+    tf32 operands are rounded to nearest (cvt.rna, as cuBLAS rounds): Triton's own tf32 dot passes fp32 registers
+    to the wgmma unrounded (no cvt in its PTX), leaving the hardware to drop the 13 low mantissa bits (a truncation,
+    as far as documented; not observed here), whose bias (every product too small, by 2^-11 on average) moved SwAV's
+    loss 80x more than rounding in the interpreted tests (benchmarks/README.md). The interpreter computes every dot
     exactly in fp32 and truncates fp32 to bf16, so there the operand is rounded as the GPU rounds it and kept in fp32
     (round to nearest even for bf16, as cvt.rn): interpreted tests see the GPU's operands; only the order of the fp32
     accumulation differs.

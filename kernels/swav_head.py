@@ -119,10 +119,11 @@ def swav_loss(
     embeddings: (n_crops·B) × D head outputs in crop-major order (rows c·B .. (c+1)·B - 1 are crop c), not
     yet normalized: the op L2-normalizes each row. prototypes: K × D, used as given (normalize them after
     each optimizer step, as SwAV does). Scores are float32, or float64 if an input is float64; the loss has that
-    dtype. The reference multiplies in that dtype; the Triton kernels multiply on tensor cores with fp32
-    accumulation, in bf16 (fp16) when either input is bf16 (fp16), the other one rounded to it in the kernel (bf16
-    embeddings × fp32 prototypes: autocast's training path, rounded as autocast rounds the reference's matmul), in
-    TF32 for fp32 inputs when torch allows TF32 matmuls (torch.backends.cuda.matmul), in exact fp32 otherwise
+    dtype. The reference multiplies in that dtype; the Triton kernels' matmuls (forward and backward) accumulate in
+    fp32 and multiply bf16 (fp16) operands on tensor cores when either input is bf16 (fp16), the other one, dL/dS
+    and the normalized embeddings rounded to it in the kernels (bf16 embeddings × fp32 prototypes: autocast's
+    training path, rounded as autocast rounds the reference's matmul and its backward); fp32 inputs multiply as TF32
+    on tensor cores when torch allows TF32 matmuls (torch.backends.cuda.matmul), as exact fp32 otherwise
     (benchmarks/README.md states what each costs in accuracy).
 
     For each crop a in crops_for_assign, Sinkhorn codes q of crop a's scores (no gradient) are predicted
@@ -137,9 +138,9 @@ def swav_loss(
     current prototypes join assigned crop i's batch rows in Sinkhorn (the prototype sums then run over batch and
     queue rows of every rank in `group`); only the batch rows' codes enter the loss, so the loss, its gradient and
     the averaging are those of the batch alone. L = 0 is the same as no queue.
-    backend: "torch" (the reference), "triton" (fused kernels: float16/bfloat16/float32 inputs, fp32 compute; CUDA
-    tensors, or CPU tensors in Triton's interpreter), or "auto" ("triton" for CUDA tensors unless an input is
-    float64, "torch" otherwise).
+    backend: "torch" (the reference), "triton" (fused kernels: float16/bfloat16/float32 inputs, fp32 accumulation and
+    softmax/Sinkhorn arithmetic, matmul inputs as above; CUDA tensors, or CPU tensors in Triton's interpreter), or
+    "auto" ("triton" for CUDA tensors unless an input is float64, "torch" otherwise).
     return_nearest: also return, as int64 len(crops_for_assign) × B, the prototype each assigned crop's sample
     scores highest against (argmax_k of its score row; row i belongs to crops_for_assign[i]), for prototype-usage
     monitors: (loss, nearest). Triton takes it from the scoring pass (no second score matrix); between prototypes
