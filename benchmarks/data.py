@@ -1,5 +1,6 @@
 """Data-loading benchmark: img/s of the DALI multi-crop train loader vs a PyTorch DataLoader + Pillow doing the same
-recipe with the same number of CPU threads, side by side in one run.
+recipe with the same number of CPU threads (torchvision's transforms, and the DALI graph's own ops and colour maths),
+side by side in one run.
 
     seer data tiles runs/tiles --count 2000 && seer data pack runs/tiles runs/tiles-shards --no-labels
     seer bench data runs/tiles-shards --threads 2                      # every provider, SEER's 6-crop recipe
@@ -12,7 +13,9 @@ Providers:
 - dali: dataloading.multicrop's CPU pipeline, num_threads = --threads, as training runs on these shards (written by
   `seer data pack`, which checked every JPEG: no per-sample guard while loading);
 - dali_guarded: the same with the per-sample guard forced on, as for shards not written by `seer data pack`;
-- pillow: dataloading.torch_baseline (torchvision's PIL transforms, as the SwAV code), --threads worker processes.
+- pillow: dataloading.torch_baseline with torchvision's PIL transforms (as the SwAV code), --threads worker processes;
+- pillow_dali_ops: the same DataLoader with the DALI graph's ops and maths (one colour matrix per crop on uint8 HWC,
+  HWC float output), the peer that does what DALI does, so that the comparison is of the engines, not the recipes.
 The main process runs torch with one thread. All loaders are built first, then timed in turns: --rounds rounds, each
 timing --batches / --rounds batches of every provider, so that a drift of the machine's speed weighs on all alike.
 Each turn starts with --warmup untimed batches (the first also covers the build and the workers' start-up), which
@@ -36,7 +39,8 @@ from pathlib import Path
 
 from benchmarks.harness import RESULTS_DIR, append_records, environment, percentiles, script_main
 
-PROVIDERS = ("dali", "dali_guarded", "pillow")
+PROVIDERS = ("dali", "dali_guarded", "pillow", "pillow_dali_ops")
+PILLOW_OPS = {"pillow": "torchvision", "pillow_dali_ops": "dali"}  # provider -> PillowTrainLoader's ops
 GUARD_SAMPLE = 256  # images on which the guard's cost per image is timed
 
 
@@ -44,8 +48,8 @@ def make_loader(provider: str, cfg, batch_size: int):
     from dataloading.multicrop import build_train_loader
     from dataloading.torch_baseline import PillowTrainLoader
 
-    if provider == "pillow":
-        return PillowTrainLoader(cfg, batch_size=batch_size)
+    if provider in PILLOW_OPS:
+        return PillowTrainLoader(cfg, batch_size=batch_size, ops=PILLOW_OPS[provider])
     return build_train_loader(cfg, batch_size=batch_size, guard=True if provider == "dali_guarded" else None)
 
 
@@ -83,9 +87,9 @@ def measure(providers, cfg, *, batch_size: int, batches: int, warmup: int, round
                                  batch_s_p80=q80, bad_samples=getattr(loader, "bad_samples", None))
     # DALI pipelines first: stopping DataLoader workers while DALI threads still refill their queues made a worker
     # abort on exit now and then ("terminate called without an active exception"), after the measurement.
-    pillow = loaders.pop("pillow", None)
+    pillows = [loaders.pop(provider) for provider in PILLOW_OPS if provider in loaders]
     loaders.clear()
-    if pillow is not None:
+    for pillow in pillows:
         pillow.close()
     return results
 
@@ -139,8 +143,12 @@ def summary(records: list[dict]) -> str:
              f"batch {first['batch_size']}, "
              f"{first['samples']} JPEGs of ~{first['image_width_mean']:.0f}x{first['image_height_mean']:.0f} px "
              f"({first['jpeg_kb_mean']:.0f} KB), {first['device']}"]
+    img_per_s = {r["provider"]: r["img_per_s"] for r in records}
     for r in records:
         lines.append(f"  {r['provider']:15} {r['img_per_s']:8.1f} img/s   batch p50 {r['batch_s_p50'] * 1e3:7.0f} ms")
+    for pillow in PILLOW_OPS:
+        if "dali" in img_per_s and pillow in img_per_s:
+            lines.append(f"  dali / {pillow}: {img_per_s['dali'] / img_per_s[pillow]:.2f}x")
     lines.append(f"  guard (jpeg_problem): {first['guard_us_per_image']:.0f} us per image")
     return "\n".join(lines)
 
