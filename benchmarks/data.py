@@ -23,14 +23,15 @@ empty the loader's queue (DataLoader: 2 batches per worker; DALI: 2; the default
 ends with a pause as long as --warmup of its batches, in which the loader refills its queue without slowing the
 next provider. img/s = timed batches × batch size / their wall time; p20/p50/p80 of the time between batches.
 Records are appended to benchmarks/results/data_cpu.json under the current directory (or --out), one per provider,
-with the command, the data (samples, mean image size and JPEG size), the guard's cost per image, machine, versions and
-commit.
+with the command, the data (samples, mean image size and JPEG size), the guard's cost per image, machine (CPUs and
+the load average before the run: on a shared machine other jobs take CPU time), versions and commit.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -130,7 +131,9 @@ def benchmark(shards: str, *, providers, threads: int, batch_size: int, batches:
     common = dict(benchmark="data/multicrop", recipe=recipe, loader_threads=threads, batch_size=batch_size,
                   batches=batches, rounds=rounds, warmup_batches=warmup, **describe_shards(shards),
                   **environment(torch.device("cpu")), dali=nvidia.dali.__version__, pillow=PIL.__version__,
-                  torchvision=torchvision.__version__)
+                  torchvision=torchvision.__version__, cpus=os.cpu_count(),
+                  # before any loader starts: what other processes ask of the CPUs (1, 5, 15-minute averages)
+                  load_average_before=[round(x, 2) for x in os.getloadavg()])
     print(f"{', '.join(providers)}: {batches} timed batches of {batch_size} each, in {rounds} rounds of turns "
           f"(each turn after {warmup} untimed batches)", file=sys.stderr, flush=True)
     results = measure(providers, cfg, batch_size=batch_size, batches=batches, warmup=warmup, rounds=rounds)
