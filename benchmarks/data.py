@@ -21,7 +21,9 @@ timing --batches / --rounds batches of every provider, so that a drift of the ma
 Each turn starts with --warmup untimed batches (the first also covers the build and the workers' start-up), which
 empty the loader's queue (DataLoader: 2 batches per worker; DALI: 2; the default, 2 × threads + 3, is more), and
 ends with a pause as long as --warmup of its batches, in which the loader refills its queue without slowing the
-next provider. img/s = timed batches × batch size / their wall time; p20/p50/p80 of the time between batches.
+next provider. img/s = timed batches × batch size / their wall time; p20/p50/p80 of the time between batches;
+CPU ms per image = CPU time of this process and its children (DALI's threads, DataLoader workers) during the timed
+batches / their images: what a provider costs, which other jobs on a shared machine disturb far less than wall time.
 Records are appended to benchmarks/results/data_cpu.json under the current directory (or --out), one per provider,
 with the command, the data (samples, mean image size and JPEG size), the guard's cost per image, machine (CPUs and
 the load average before the run: on a shared machine other jobs take CPU time), versions and commit.
@@ -54,38 +56,57 @@ def make_loader(provider: str, cfg, batch_size: int):
     return build_train_loader(cfg, batch_size=batch_size, guard=True if provider == "dali_guarded" else None)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads: DALI's) and of its live child processes (DataLoader
+    workers)."""
+    import psutil  # a dependency of DeepSpeed
+
+    me = psutil.Process()
+    total = me.cpu_times().user + me.cpu_times().system
+    for child in me.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def measure(providers, cfg, *, batch_size: int, batches: int, warmup: int, rounds: int) -> dict[str, dict]:
     """Each provider's img/s, measured in turns: every loader is built and warmed up, then each round times
     batches / rounds batches of each provider in turn, so that a drift of the machine's speed (~10% over minutes
     on a shared machine) weighs on all of them alike. After its timed batches a loader refills its queue in the
     background (DALI: 2 batches; DataLoader: 2 per worker), which would slow the next provider down: each turn
     ends with a pause as long as `warmup` of its batches. Each turn starts with `warmup` untimed batches, which
-    empty the queue (its batches would count as instant)."""
+    empty the queue (its batches would count as instant). The CPU time spent during a provider's timed batches
+    (this process and its children) is its cost: other jobs on a shared machine stretch wall time far more."""
     loaders, results = {}, {}
     for provider in providers:
         start = time.perf_counter()
         loaders[provider] = make_loader(provider, cfg, batch_size)
         for _ in range(warmup):
             next(loaders[provider])
-        results[provider] = dict(warmup_s=time.perf_counter() - start, intervals=[])
+        results[provider] = dict(warmup_s=time.perf_counter() - start, intervals=[], cpu_s=0.0)
     per_round = [batches // rounds + (r < batches % rounds) for r in range(rounds)]
     for round_batches in per_round:
         for provider, loader in loaders.items():
             for _ in range(warmup):
                 next(loader)
-            last, turn = time.perf_counter(), []
+            cpu_start, last, turn = cpu_seconds(), time.perf_counter(), []
             for _ in range(round_batches):
                 next(loader)
                 now = time.perf_counter()
                 turn.append(now - last)
                 last = now
+            results[provider]["cpu_s"] += cpu_seconds() - cpu_start
             results[provider]["intervals"] += turn
             time.sleep(warmup * statistics.median(turn))  # the loader refills its queue undisturbed
     for provider, loader in loaders.items():
         intervals = results[provider].pop("intervals")
         q20, q50, q80 = percentiles(intervals)
         results[provider].update(img_per_s=batches * batch_size / sum(intervals), batch_s_p20=q20, batch_s_p50=q50,
-                                 batch_s_p80=q80, bad_samples=getattr(loader, "bad_samples", None))
+                                 batch_s_p80=q80, cpu_ms_per_image=results[provider].pop("cpu_s") * 1e3 / (
+                                     batches * batch_size), bad_samples=getattr(loader, "bad_samples", None))
     # DALI pipelines first: stopping DataLoader workers while DALI threads still refill their queues made a worker
     # abort on exit now and then ("terminate called without an active exception"), after the measurement.
     pillows = [loaders.pop(provider) for provider in PILLOW_OPS if provider in loaders]
@@ -148,10 +169,13 @@ def summary(records: list[dict]) -> str:
              f"({first['jpeg_kb_mean']:.0f} KB), {first['device']}"]
     img_per_s = {r["provider"]: r["img_per_s"] for r in records}
     for r in records:
-        lines.append(f"  {r['provider']:15} {r['img_per_s']:8.1f} img/s   batch p50 {r['batch_s_p50'] * 1e3:7.0f} ms")
+        lines.append(f"  {r['provider']:15} {r['img_per_s']:8.1f} img/s   batch p50 {r['batch_s_p50'] * 1e3:7.0f} ms   "
+                     f"CPU {r['cpu_ms_per_image']:5.1f} ms per image")
+    cpu = {r["provider"]: r["cpu_ms_per_image"] for r in records}
     for pillow in PILLOW_OPS:
         if "dali" in img_per_s and pillow in img_per_s:
-            lines.append(f"  dali / {pillow}: {img_per_s['dali'] / img_per_s[pillow]:.2f}x")
+            lines.append(f"  dali / {pillow}: {img_per_s['dali'] / img_per_s[pillow]:.2f}x img/s, "
+                         f"{cpu['dali'] / cpu[pillow]:.2f}x CPU time per image")
     lines.append(f"  guard (jpeg_problem): {first['guard_us_per_image']:.0f} us per image")
     return "\n".join(lines)
 
