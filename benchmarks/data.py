@@ -25,8 +25,9 @@ next provider. img/s = timed batches × batch size / their wall time; p20/p50/p8
 CPU ms per image = CPU time of this process and its children (DALI's threads, DataLoader workers) during the timed
 batches / their images: what a provider costs, which other jobs on a shared machine disturb far less than wall time.
 Records are appended to benchmarks/results/data_cpu.json under the current directory (or --out), one per provider,
-with the command, the data (samples, mean image size and JPEG size), the guard's cost per image, machine (CPUs and
-the load average before the run: on a shared machine other jobs take CPU time), versions and commit.
+with the command, the data (samples, mean image size and JPEG size), the guard's cost per image, machine (CPUs, and
+other_jobs_cpu_share: the share of the machine's CPU time other processes used during the measurement), versions and
+commit.
 """
 from __future__ import annotations
 
@@ -70,6 +71,14 @@ def cpu_seconds() -> float:
             continue
         total += times.user + times.system
     return total
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time all processes on the machine have used since boot (all CPUs, idle and I/O wait excluded)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def measure(providers, cfg, *, batch_size: int, batches: int, warmup: int, rounds: int) -> dict[str, dict]:
@@ -152,12 +161,13 @@ def benchmark(shards: str, *, providers, threads: int, batch_size: int, batches:
     common = dict(benchmark="data/multicrop", recipe=recipe, loader_threads=threads, batch_size=batch_size,
                   batches=batches, rounds=rounds, warmup_batches=warmup, **describe_shards(shards),
                   **environment(torch.device("cpu")), dali=nvidia.dali.__version__, pillow=PIL.__version__,
-                  torchvision=torchvision.__version__, cpus=os.cpu_count(),
-                  # before any loader starts: what other processes ask of the CPUs (1, 5, 15-minute averages)
-                  load_average_before=[round(x, 2) for x in os.getloadavg()])
+                  torchvision=torchvision.__version__, cpus=os.cpu_count())
     print(f"{', '.join(providers)}: {batches} timed batches of {batch_size} each, in {rounds} rounds of turns "
           f"(each turn after {warmup} untimed batches)", file=sys.stderr, flush=True)
+    machine_start, ours_start, wall_start = busy_cpu_seconds(), cpu_seconds(), time.perf_counter()
     results = measure(providers, cfg, batch_size=batch_size, batches=batches, warmup=warmup, rounds=rounds)
+    others = (busy_cpu_seconds() - machine_start) - (cpu_seconds() - ours_start)
+    common["other_jobs_cpu_share"] = max(0.0, others) / ((time.perf_counter() - wall_start) * common["cpus"])
     return [dict(provider=provider, **results[provider], **common) for provider in providers]
 
 

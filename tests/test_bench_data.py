@@ -167,7 +167,7 @@ def test_data_benchmark_times_the_peer_beside_dali(shards, tmp_path, capsys):
     records = json.loads((tmp_path / "data.json").read_text())
     assert [r["provider"] for r in records] == ["dali", "pillow_dali_ops"]
     assert all(r["img_per_s"] > 0 and r["rounds"] == 2 and r["command"] == "seer bench data " + " ".join(argv)
-               and len(r["load_average_before"]) == 3 and r["cpus"] >= 1 for r in records)
+               and 0 <= r["other_jobs_cpu_share"] <= 1 and r["cpus"] >= 1 for r in records)
     assert all(r["cpu_ms_per_image"] > 0 for r in records)
     ratio = records[0]["img_per_s"] / records[1]["img_per_s"]
     cpu_ratio = records[0]["cpu_ms_per_image"] / records[1]["cpu_ms_per_image"]
