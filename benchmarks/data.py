@@ -58,12 +58,13 @@ def make_loader(provider: str, cfg, batch_size: int):
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads: DALI's) and of its live child processes (DataLoader
-    workers)."""
+    """User + system CPU time of this process (all threads: DALI's) and of its child processes, live (DataLoader
+    workers) or ended."""
     import psutil  # a dependency of DeepSpeed
 
     me = psutil.Process()
-    total = me.cpu_times().user + me.cpu_times().system
+    times = me.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
     for child in me.children(recursive=True):
         try:
             times = child.cpu_times()
@@ -78,7 +79,8 @@ def busy_cpu_seconds() -> float:
     import psutil
 
     times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    # Linux counts guest time within user time; steal is time the hypervisor gave to other machines.
+    return times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
 
 
 def measure(providers, cfg, *, batch_size: int, batches: int, warmup: int, rounds: int) -> dict[str, dict]:

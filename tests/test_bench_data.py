@@ -1,11 +1,14 @@
 """The Pillow peer that does the DALI train graph's ops (`PillowTrainLoader(ops="dali")`, provider pillow_dali_ops of
 `seer bench data`): its colour map, flip + normalize and blur against the graph's own ops on fixed images and fixed
-draws, its draws against the config, its batches against the DALI loader's, and the benchmark with it."""
+draws, its draws against the config, its batches against the DALI loader's, and the benchmark with it (img/s, CPU time)."""
 from __future__ import annotations
 
 import json
 import math
 import random
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -172,3 +175,15 @@ def test_data_benchmark_times_the_peer_beside_dali(shards, tmp_path, capsys):
     ratio = records[0]["img_per_s"] / records[1]["img_per_s"]
     cpu_ratio = records[0]["cpu_ms_per_image"] / records[1]["cpu_ms_per_image"]
     assert f"dali / pillow_dali_ops: {ratio:.2f}x img/s, {cpu_ratio:.2f}x CPU" in capsys.readouterr().err
+
+
+def test_cpu_time_counts_child_processes_live_and_ended():
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ninput()"
+    start = bench_data.cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while bench_data.cpu_seconds() - start < 0.3 and time.monotonic() < deadline:  # live: counted while it runs
+        time.sleep(0.05)
+    assert bench_data.cpu_seconds() - start >= 0.3
+    child.communicate(b"\n")  # ended and reaped: still counted
+    assert bench_data.cpu_seconds() - start >= 0.3
