@@ -117,7 +117,8 @@ class TorchvisionMultiCropTransform:
 
 class DaliOpsMultiCropTransform:
     """Encoded image bytes -> the crops of every crop group (group-major), float size×size×C tensors, by the DALI
-    train graph's ops and maths (dataloading.augment) in Pillow and numpy, with the same draws per crop."""
+    train graph's ops and maths (dataloading.augment) in Pillow and numpy, each crop's parameters drawn as the graph
+    draws them."""
 
     layout = "HWC"
 

@@ -1,8 +1,10 @@
 """The Pillow peer that does the DALI train graph's ops (`PillowTrainLoader(ops="dali")`, provider pillow_dali_ops of
 `seer bench data`): its colour map, flip + normalize and blur against the graph's own ops on fixed images and fixed
-draws, its draws against the config, its batches against the DALI loader's, and the benchmark with it (img/s, CPU time)."""
+draws, its draws against the config, its batches against the DALI loader's, and the benchmark with it (img/s and
+CPU time)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -13,6 +15,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import test_augment_stats as stats
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image, ImageFilter
@@ -24,6 +27,7 @@ from dataloading.multicrop import build_train_loader
 from dataloading.torch_baseline import DaliOpsMultiCropTransform, PillowTrainLoader
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+coordinate_shards, noise_shards = stats.coordinate_shards, stats.noise_shards  # fixtures of the statistics tests
 CROPS = [CropGroup(32, 2, (0.4, 1.0)), CropGroup(16, 4, (0.1, 0.4))]
 
 
@@ -111,8 +115,11 @@ def test_draws_follow_the_config_as_the_dali_graph_draws():
 def test_flip_and_normalize_equal_the_dali_graphs(channels):
     image = _image(channels)
     mean, std = MEAN[:channels], STD[:channels]
-    expected = _dali(np.stack([image] * 2), lambda x, mirror: normalize(x, mean, std, fn.cast(mirror, dtype=types.INT32),
-                                                                        "HWC"), mirror=[0, 1])
+
+    def graph(x, mirror):
+        return normalize(x, mean, std, fn.cast(mirror, dtype=types.INT32), "HWC")
+
+    expected = _dali(np.stack([image] * 2), graph, mirror=[0, 1])
     peer = _peer(channels)
     for mirror, reference in zip((False, True), expected):
         got = peer.normalize(_pillow(image), mirror)
@@ -132,6 +139,21 @@ def test_pillows_blur_is_close_to_the_dali_graphs(sigma):
     difference = np.abs(got - expected)[inside]
     change = np.abs(expected - image)[inside].mean()
     assert difference.mean() < min(1, 0.1 * change) and difference.max() < 5, (difference.mean(), change)
+
+
+@pytest.fixture
+def pillow_is_the_peer(monkeypatch):
+    """test_augment_stats's "pillow" provider becomes the fair peer."""
+    monkeypatch.setattr(stats, "PillowTrainLoader", functools.partial(PillowTrainLoader, ops="dali"))
+
+
+def test_the_peers_crops_flips_blur_and_solarize_follow_the_graphs_statistics(pillow_is_the_peer, coordinate_shards,
+                                                                              noise_shards):
+    # The statistics tests' own checks, with the peer in place of the torchvision recipe.
+    stats.test_crop_sizes_scales_and_aspects_dali_vs_pillow(coordinate_shards)
+    stats.test_flip_and_grayscale_rates(coordinate_shards, "pillow")
+    stats.test_blur_rate_and_sigma_range(noise_shards, "pillow")
+    stats.test_solarize_rate_and_threshold(noise_shards, "pillow")
 
 
 def test_the_peer_gives_the_dali_loaders_batches(shards):
