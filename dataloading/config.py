@@ -65,8 +65,6 @@ def check_data_config(cfg: DataConfig) -> None:
                          f"mean {tuple(cfg.mean)} and std {tuple(cfg.std)}")
     if not all(s > 0 for s in cfg.std):
         raise ValueError(f"data.std values must be > 0, got {tuple(cfg.std)}")
-    if sum(group.count for group in cfg.crops) < 2:
-        raise ValueError("data.crops must define at least 2 crops in total")
     for i, group in enumerate(cfg.crops):
         low, high = group.scale
         if group.size <= 0 or group.count <= 0:

@@ -2,6 +2,7 @@
 preprocessing for image files (`seer predict`)."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -56,8 +57,8 @@ def define_eval_pipeline(
 
 class EvalLoader:
     """Re-iterable: each `for` is one pass yielding {"image": B×C×size×size, "label": int64 (B,)}; every sample of
-    this rank's shard exactly once, the last batch possibly smaller. Bad samples are replaced by a gray image and
-    counted in `bad_samples` (over all passes)."""
+    this rank's shard exactly once (`samples` of them), the last batch possibly smaller. Bad samples are replaced by
+    a gray image and counted in `bad_samples` (over all passes)."""
 
     def __init__(self, pipe: Pipeline, names: list[str], with_index: bool):
         self._iterator = DALIGenericIterator(
@@ -65,12 +66,15 @@ class EvalLoader:
             prepare_first_batch=False,
         )
         self.with_index = with_index
-        self.samples = self._iterator.size
+        meta = pipe.reader_meta(READER)
+        size, shards, shard = meta["epoch_size"], meta["number_of_shards"], meta["shard_id"]
+        self.samples = size * (shard + 1) // shards - size * shard // shards  # DALI's shard bounds
+        self._batch_size = pipe.max_batch_size
         self.bad_samples = 0
         self._mid_pass = False
 
     def __len__(self) -> int:
-        return len(self._iterator)
+        return math.ceil(self.samples / self._batch_size)
 
     def __iter__(self):
         if self._mid_pass:  # an earlier pass stopped early; DALI only rewinds at the end of a pass
@@ -78,6 +82,10 @@ class EvalLoader:
                 pass
         self._mid_pass = True
         for (batch,) in self._iterator:
+            if len(batch["image"]) == 0:
+                # Padding only: pad_last_batch pads every shard to the largest one's size, then to a whole batch,
+                # so a shard one sample smaller can end with a batch that holds none of its samples.
+                continue
             if "replaced" in batch:
                 self.bad_samples += int(batch["replaced"].sum())
             out = {"image": batch["image"], "label": batch_labels(batch, batch["image"])}

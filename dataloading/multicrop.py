@@ -5,19 +5,20 @@ it, so a GPU graph can be checked (`pipe.serialize()`, with guard=False) on a ma
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from nvidia.dali.pipeline import Pipeline
 
 from dataloading.augment import blur, decode, jitter_colors, normalize, random_flip, random_resized_crop, solarize
 from dataloading.config import CropGroup, DataConfig, check_data_config
-from dataloading.graph import EpochIterator, dali_device, rank_seed
+from dataloading.graph import EpochIterator, dali_device, rank_seed, read_train_samples
 from dataloading.shards import (
     ascii_to_int,
     batch_labels,
     guard_samples,
     label_and_index_outputs,
     read_manifest,
-    read_samples,
 )
 
 
@@ -64,18 +65,8 @@ def define_train_pipeline(
         checkpoint=checkpoint,
     )
     with pipe:
-        jpegs, labels = read_samples(
-            tars,
-            idxs,
-            manifest["classes"] is not None,
-            random_shuffle=True,
-            # Each epoch visits the tar files in a new order, the same on every rank (same seed), so the
-            # ranks' shards stay disjoint; the shuffle buffer then mixes samples within a rank.
-            shuffle_after_epoch=True,
-            shuffle_after_epoch_seed=cfg.seed,
-            shard_id=shard_id,
-            num_shards=num_shards,
-        )
+        jpegs, labels = read_train_samples(tars, idxs, manifest["classes"] is not None, seed=cfg.seed,
+                                           shard_id=shard_id, num_shards=num_shards)
         encoded, flags, flag_names = guard_samples(jpegs, manifest, guard)
         image = decode(encoded, cfg.channels, device_type)  # once; every crop is cut from this decoded image
         layout = "HWC" if channels_last else "CHW"
@@ -90,8 +81,8 @@ class TrainLoader(EpochIterator):
 
     Crops are crop-major (group 0 copy 0, group 0 copy 1, ..., group 1 copy 0, ...), in cfg.output_dtype, on the
     loader's device, in channels_last memory when asked; label is -1 for unlabelled shards. Each epoch yields
-    floor(samples_per_epoch / batch_size) full batches, then the next epoch starts. Bad samples are replaced by a
-    gray image and counted in `bad_samples`.
+    steps_per_epoch full batches of this rank's shard, disjoint from the other ranks' (see EpochIterator), then the
+    next epoch starts. Bad samples are replaced by a gray image and counted in `bad_samples`.
     Resume: DALI's own checkpointing (reader position, shuffle state and every random generator), see state_dict.
     """
 
@@ -129,6 +120,7 @@ class TrainLoader(EpochIterator):
         return {
             "dali_checkpoint": self._iterator.checkpoints()[0],
             "epoch": self.epoch,
+            "epoch_step": self._epoch_step,
             "step": self.step,
             "bad_samples": self.bad_samples,
             "seed": self.cfg.seed,
@@ -146,9 +138,16 @@ class TrainLoader(EpochIterator):
                     f"loader state was saved with {key}={state[key]} but this loader has {key}={mine}; "
                     "a DALI checkpoint only resumes the same rank layout, seed and batch size"
                 )
+        # A state without epoch_step comes from a reader without pad_last_batch, whose epochs ran into each other:
+        # this graph cannot replay its position, so the loader starts a new pass (as at another world size).
+        replayable = "epoch_step" in state
+        if not replayable:
+            warnings.warn(f"loader state of shard {self.shard_id}/{self.num_shards} predates batch-aligned epochs: "
+                          f"the loader starts a new pass at epoch {state['epoch']}", stacklevel=2)
         del self._iterator  # release the old pipeline's threads and buffers before building the new one
-        self._build(checkpoint=state["dali_checkpoint"])
+        self._build(checkpoint=state["dali_checkpoint"] if replayable else None)
         self.epoch, self.step = state["epoch"], state["step"]
+        self._epoch_step = state["epoch_step"] if replayable else 0
         self.bad_samples = state.get("bad_samples", 0)  # states saved before the guard existed count from 0
 
 

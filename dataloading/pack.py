@@ -2,25 +2,35 @@
 
 Every image is validated here, once, because DALI cannot skip a bad file at training time (it errors or crashes):
 only files that Pillow fully decodes reach a shard, as 8-bit gray or RGB JPEG with any EXIF orientation applied;
-the rest are counted by reason in the manifest. Reasons: empty, unreadable, not_an_image, unsupported_format,
-unsupported_mode, corrupt (truncated or undecodable), too_many_pixels (decompression bombs),
-extreme_aspect_ratio, duplicate (the same file bytes as a file packed earlier; `duplicate_of` names it) and
-outside_class_folder.
+every other entry of the source tree (except folders, which are walked) is counted by reason in the manifest.
+Reasons: empty, unreadable (a file or a folder that cannot be read), broken_link, link_loop (a link that resolves
+to itself or to a folder it is inside), special_file (FIFO, socket, device), not_an_image, unsupported_format,
+unsupported_mode, corrupt (truncated or undecodable), too_many_pixels (decompression bombs), extreme_aspect_ratio,
+side_too_long, too_small (a side under min_side px, as stored), duplicate (the same file bytes as a file packed
+earlier; `duplicate_of` names it) and outside_class_folder. Links to files and folders are followed.
+
+File names may hold any bytes: samples are keyed by their position in the pack, never by name, and the manifest
+and journal name files as text with each byte that is not UTF-8 written as \\xNN (display_path).
 
 Packing can be interrupted and resumed: OUT/pack-journal.jsonl holds the source and options of the pack (first
 line), then one line per complete shard, appended only after that shard's files have their final names. A new run
 into the same OUT continues after the last journalled shard and writes the same shards, byte for byte, as an
 uninterrupted run; manifest.json, written last, marks the pack complete. Journal lines of folder packs also list
 the source file (relative to SRC) and content digest of every sample, in key order.
+
+Worker processes die with the packer (even on kill -9): they ask Linux to kill them when their parent exits.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import multiprocessing
 import os
 import random
+import signal
 import stat
 import sys
 import tarfile
@@ -44,6 +54,7 @@ JOURNAL_FORMAT = 1
 SHARD_PATTERN = "shard-{:06d}"
 KEY_DIGITS = 10  # sample keys are the write position, zero-padded: 0000000042.jpg (room for 10^10 samples)
 FOLDER_ORDER_SEED = 0  # folder packs are written in a fixed random order: DALI's shuffle buffer only mixes locally
+DEFAULT_MIN_SIDE = 16  # px; smaller images (icons, tracking pixels) are blown up for every crop, even the demo's 16 px
 MIN_ITEMS_FOR_POOL = 256  # below this, starting worker processes (~0.5 s each) costs more than it saves
 # Formats Pillow decodes without external programs (EPS, for one, would run Ghostscript on an untrusted file).
 FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "AVIF", "BMP", "DIB", "GIF", "TIFF", "PPM"}
@@ -63,7 +74,9 @@ def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _encode_gray_arrays(images: np.ndarray, quality: int) -> list[Prepared]:
+def _encode_gray_arrays(images: np.ndarray, quality: int, min_side: int) -> list[Prepared]:
+    if min(images.shape[1:3]) < min_side:
+        return [(None, "too_small", None)] * len(images)
     return [(_encode_jpeg(Image.fromarray(image, "L"), quality), None, None) for image in images]
 
 
@@ -82,7 +95,7 @@ def _to_gray_or_rgb(image: Image.Image) -> Image.Image:
     return image.convert("L" if gray else "RGB")
 
 
-def _validate(data: bytes, quality: int, max_side: int | None) -> tuple[bytes | None, str | None]:
+def _validate(data: bytes, quality: int, max_side: int | None, min_side: int) -> tuple[bytes | None, str | None]:
     """(JPEG bytes, None) for a good image, (None, reason) otherwise. JPEG bytes are kept as they are when
     nothing needs changing."""
     try:
@@ -103,6 +116,8 @@ def _validate(data: bytes, quality: int, max_side: int | None) -> tuple[bytes | 
             return None, "too_many_pixels"
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
             return None, "extreme_aspect_ratio"
+        if min(width, height) < min_side:
+            return None, "too_small"
         try:
             image.load()  # full decode (first frame): truncated or corrupt data raises here, not later in DALI
             too_big = max_side is not None and max(width, height) > max_side
@@ -114,15 +129,18 @@ def _validate(data: bytes, quality: int, max_side: int | None) -> tuple[bytes | 
             image = _to_gray_or_rgb(ImageOps.exif_transpose(image))  # re-encoding drops EXIF: rotate now
             if too_big:
                 image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+                if min(image.size) < min_side:  # a long strip shrunk to max_side
+                    return None, "too_small"
             return _encode_jpeg(image, quality), None
         except Exception:  # noqa: BLE001 - any decoder failure means a broken file, never a crash of the whole pack
             return None, "corrupt"
 
 
-def prepare_file(path: str, quality: int, max_side: int | None) -> Prepared:
+def prepare_file(path: str, quality: int, max_side: int | None, min_side: int = 1) -> Prepared:
     """An image file as pack stores it: (JPEG bytes, None, digest of the file bytes) for a good image, else (None,
     skip reason, digest or None). Plain JPEGs are kept byte for byte, other images re-encoded as JPEG at
-    `quality`; images with a side over max_side are shrunk to it (None: sides over MAX_SIDE are refused)."""
+    `quality`; images with a side over max_side are shrunk to it (None: sides over MAX_SIDE are refused); images
+    with a side under min_side px (after shrinking) are refused."""
     try:
         data = Path(path).read_bytes()
     except OSError:
@@ -131,12 +149,12 @@ def prepare_file(path: str, quality: int, max_side: int | None) -> Prepared:
         return None, "empty", None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # odd metadata and bomb warnings: the decode alone decides
-        jpeg, reason = _validate(data, quality, max_side)
+        jpeg, reason = _validate(data, quality, max_side, min_side)
     return jpeg, reason, _digest(data)
 
 
-def _prepare_files(paths: list[str], quality: int, max_side: int | None) -> list[Prepared]:
-    return [prepare_file(path, quality, max_side) for path in paths]
+def _prepare_files(paths: list[str], quality: int, max_side: int | None, min_side: int) -> list[Prepared]:
+    return [prepare_file(path, quality, max_side, min_side) for path in paths]
 
 
 @dataclass
@@ -150,8 +168,14 @@ class _Inputs:
     digest: str  # identity of the listing (names and sizes) or data: a resumed run must see the same inputs
     prepare: Callable[..., list[Prepared]]
     prepare_args: tuple
-    root: Path | None = None  # folder packs: sources are recorded relative to it
-    refused: list[dict] = field(default_factory=list)  # files refused from their place in the folder alone
+    names: list[str] | None = None  # folder packs: each item's path relative to the folder, as display_path writes it
+    refused: list[dict] = field(default_factory=list)  # entries refused from the folder listing alone
+
+    def name(self, position: int) -> str:
+        """How the manifest names the item at `position`: its path as display_path writes it, or dataset[index]."""
+        if self.names is None:
+            return f"{self.description}[{position}]"
+        return os.path.join(self.description, self.names[position])
 
 
 def _digest(*parts: bytes) -> str:
@@ -161,47 +185,97 @@ def _digest(*parts: bytes) -> str:
     return digest.hexdigest()
 
 
-def _scan_folder(root: Path, out: Path, labels_from_folders: bool, quality: int, max_side: int | None) -> _Inputs:
-    """All files under root (but not under out) in a fixed shuffled order, their labels, class names, and files
-    refused up front."""
-    sizes = {}  # one stat per file (a billion-file tree is stat-bound): regular files, symlinks followed
-    for path in root.rglob("*"):
-        if out not in path.parents:
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """A file name as text that any JSON reader or terminal takes: each byte that is not UTF-8 written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _stat_failure(error: OSError, is_link: bool) -> str:
+    if error.errno == errno.ELOOP:
+        return "link_loop"
+    if is_link and error.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "broken_link"
+    return "unreadable"
+
+
+def _walk(root: str, out: str) -> tuple[dict[str, int], list[dict]]:
+    """The regular files under root, links followed, except under out: {path: size}; and every other entry that is
+    not a folder, refused by reason. One stat per entry (a billion-file tree is stat-bound)."""
+    sizes, refused = {}, []
+    try:
+        out_info = os.stat(out)
+        excluded = (out_info.st_dev, out_info.st_ino)
+    except OSError:  # not created yet: nothing of it can be in root
+        excluded = None
+    root_info = os.stat(root)
+    folders = [(root, frozenset([(root_info.st_dev, root_info.st_ino)]))]  # each with the folders it is inside
+    while folders:
+        folder, inside = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            refused.append({"path": display_path(folder), "reason": "unreadable"})
+            continue
+        for entry in entries:
             try:
-                info = path.stat()
-            except OSError:  # a broken link or an unreadable entry: not a file to pack
+                info = entry.stat()  # follows links
+            except OSError as error:
+                refused.append({"path": display_path(entry.path), "reason": _stat_failure(error, entry.is_symlink())})
                 continue
             if stat.S_ISREG(info.st_mode):
-                sizes[path] = info.st_size
-    files = sorted(sizes)
-    relative = [p.relative_to(root) for p in files]
-    class_dirs = sorted({r.parts[0] for r in relative if len(r.parts) > 1})
-    classes = class_dirs if labels_from_folders and class_dirs else None
-    class_index = {name: i for i, name in enumerate(classes or [])}
-    listing = "".join(f"{r.as_posix()}\t{sizes[p]}\n" for p, r in zip(files, relative))
-    paths, labels, refused = [], [], []
-    for path, rel in zip(files, relative):
-        if classes is not None and len(rel.parts) == 1:
-            refused.append({"path": str(path), "reason": "outside_class_folder"})
+                sizes[entry.path] = info.st_size
+            elif stat.S_ISDIR(info.st_mode):
+                identity = (info.st_dev, info.st_ino)
+                if identity in inside:  # a link to a folder it is in: walking it would never end
+                    refused.append({"path": display_path(entry.path), "reason": "link_loop"})
+                elif identity != excluded:
+                    folders.append((entry.path, inside | {identity}))
+            else:
+                refused.append({"path": display_path(entry.path), "reason": "special_file"})
+    return sizes, sorted(refused, key=lambda entry: entry["path"])  # listings come in no fixed order
+
+
+def _scan_folder(root: Path, out: Path, labels_from_folders: bool, prepare_args: tuple) -> _Inputs:
+    """All files under root (but not under out) in a fixed shuffled order, their labels, class names, and entries
+    refused up front."""
+    sizes, refused = _walk(str(root), str(out))
+    prefix = len(os.path.join(root, ""))
+    # Sorted by name bytes, folder by folder (a NUL sorts before any byte a name can hold).
+    files = sorted(sizes, key=lambda path: os.fsencode(path[prefix:]).replace(b"/", b"\0"))
+    relative = [os.fsencode(path[prefix:]) for path in files]
+    parts = [name.split(b"/") for name in relative]
+    class_dirs = sorted({p[0] for p in parts if len(p) > 1})
+    classes = [display_path(name) for name in class_dirs] if labels_from_folders and class_dirs else None
+    class_index = {name: i for i, name in enumerate(class_dirs)}
+    listing = b"".join(b"%s\t%d\n" % (name, sizes[path]) for path, name in zip(files, relative))
+    paths, names, labels = [], [], []
+    for path, name, name_parts in zip(files, relative, parts):
+        if classes is not None and len(name_parts) == 1:
+            refused.append({"path": display_path(path), "reason": "outside_class_folder"})
             continue
-        paths.append(str(path))
-        labels.append(class_index[rel.parts[0]] if classes is not None else None)
+        paths.append(path)
+        names.append(display_path(name))
+        labels.append(class_index[name_parts[0]] if classes is not None else None)
     order = list(range(len(paths)))
     random.Random(FOLDER_ORDER_SEED).shuffle(order)
-    return _Inputs(str(root), [paths[i] for i in order], [labels[i] for i in order], classes,
-                   _digest(listing.encode()), _prepare_files, (quality, max_side), root, refused)
+    return _Inputs(display_path(root), [paths[i] for i in order], [labels[i] for i in order], classes,
+                   _digest(listing), _prepare_files, prepare_args, [names[i] for i in order], refused)
 
 
-def _read_inputs(source, out: Path, labels_from_folders: bool, quality: int, max_side: int | None) -> _Inputs:
-    name, _, split = str(source).partition(":")
+def _read_inputs(source, out: Path, labels_from_folders: bool, quality: int, max_side: int | None,
+                 min_side: int) -> _Inputs:
+    source = os.fsdecode(source)
+    name, _, split = source.partition(":")
     if name in DATASETS and split and not Path(source).exists():
         images, labels, classes = load_idx(name, split)
         return _Inputs(f"{name}:{split}", images, [int(v) for v in labels], classes,
-                       _digest(images.tobytes(), labels.tobytes()), _encode_gray_arrays, (quality,))
+                       _digest(images.tobytes(), labels.tobytes()), _encode_gray_arrays, (quality, min_side))
     root = Path(source)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder, and not a dataset spec like 'fashion-mnist:train'")
-    return _scan_folder(root.resolve(), out.resolve(), labels_from_folders, quality, max_side)
+        raise FileNotFoundError(f"{display_path(root)}: not a folder, and not a dataset spec like "
+                                "'fashion-mnist:train'")
+    return _scan_folder(root.resolve(), out.resolve(), labels_from_folders, (quality, max_side, min_side))
 
 
 def _tar_member(name: str, data: bytes) -> bytes:
@@ -367,6 +441,7 @@ def pack(
     shard_size: int = 10000,
     jpeg_quality: int = 95,
     max_side: int | None = None,
+    min_side: int = DEFAULT_MIN_SIDE,
     labels_from_folders: bool = True,
     workers: int | None = None,
     progress: bool = True,
@@ -374,15 +449,21 @@ def pack(
     """Pack a folder of images or a dataset spec ("fashion-mnist:train", "mnist:test", ...) into shards in out_dir.
 
     Resumes an interrupted pack into the same out_dir; returns at once when out_dir already holds the complete pack.
-    A different source or different options in the same out_dir raise FileExistsError. `progress`: a progress bar
-    and status lines on stderr. Returns the manifest (also written to out_dir/manifest.json).
+    A different source or different options in the same out_dir raise FileExistsError. Images with a side under
+    min_side px, as stored, are skipped (too_small). `progress`: a progress bar and status lines on stderr. Returns
+    the manifest (also written to out_dir/manifest.json).
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    out = Path(out_dir)
-    inputs = _read_inputs(source, out, labels_from_folders, jpeg_quality, max_side)
+    if min_side < 1:
+        raise ValueError(f"min_side (--min-side) must be at least 1 px, got {min_side}")
+    if max_side is not None and max_side < min_side:
+        raise ValueError(f"max_side (--max-side) {max_side} is under min_side (--min-side) {min_side}: every image "
+                         "would be too small")
+    out = Path(os.fsdecode(out_dir))
+    inputs = _read_inputs(source, out, labels_from_folders, jpeg_quality, max_side, min_side)
     out.mkdir(parents=True, exist_ok=True)
-    options = {"shard_size": shard_size, "jpeg_quality": jpeg_quality, "max_side": max_side,
+    options = {"shard_size": shard_size, "jpeg_quality": jpeg_quality, "max_side": max_side, "min_side": min_side,
                "labels_from_folders": labels_from_folders}
     journal = _Journal(out, {"format": JOURNAL_FORMAT, "source": inputs.description, "options": options,
                              "inputs": len(inputs.items), "inputs_digest": inputs.digest})
@@ -410,7 +491,8 @@ def pack(
     chunk_size = max(1, min(256, len(remaining) // (workers * 16)))
     use_pool = workers > 1 and len(remaining) > MIN_ITEMS_FOR_POOL
     # spawn, not fork: the caller may already run DALI or torch threads, which a forked child would inherit.
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if use_pool else None
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_die_with_parent, initargs=(os.getpid(),)) if use_pool else None
     bar = tqdm(total=len(inputs.items), initial=start, disable=not progress, unit="img",
                desc=f"pack {inputs.description}")
     try:
@@ -420,13 +502,13 @@ def pack(
         for chunk_results in results:
             for jpeg, reason, digest in chunk_results:
                 if jpeg is not None and digest in kept_source:
-                    skipped.append({"path": str(inputs.items[position]), "reason": "duplicate",
-                                    "duplicate_of": str(inputs.root / kept_source[digest])})
+                    skipped.append({"path": inputs.name(position), "reason": "duplicate",
+                                    "duplicate_of": os.path.join(inputs.description, kept_source[digest])})
                 elif jpeg is None:
-                    skipped.append({"path": str(inputs.items[position]), "reason": reason})
+                    skipped.append({"path": inputs.name(position), "reason": reason})
                 else:
                     if digest is not None:
-                        kept_source[digest] = Path(inputs.items[position]).relative_to(inputs.root).as_posix()
+                        kept_source[digest] = inputs.names[position]
                         sources.append(kept_source[digest])
                         digests.append(digest)
                     shard = writer.add(jpeg, inputs.labels[position])
@@ -456,12 +538,28 @@ def pack(
         "classes": inputs.classes,
         "jpeg_quality": jpeg_quality,
         "max_side": max_side,
+        "min_side": min_side,
         "jpeg_check": JPEG_CHECK,  # every stored JPEG passed it (kept as is only if so, else re-encoded by Pillow)
     }
     tmp = out / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: Linux kills this worker when the packer exits, however it exits (kill -9 too). Without it
+    a worker waits on the task queue forever, since it holds that queue's write end itself."""
+    if not sys.platform.startswith("linux"):
+        return  # prctl is Linux's; elsewhere the workers of a killed packer are left to end by hand
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a pack worker")
+    if os.getppid() != parent:  # the packer died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _PrepareChunk:

@@ -1,8 +1,9 @@
 """DALI supervised train loader over packed labelled shards: random-resized crop, horizontal flip, normalize.
 
 The standard supervised augmentation used for fine-tuning. Like the multi-crop TrainLoader it is sharded by rank
-(every sample once per epoch across ranks), reproducible for a seed, and runs on CPU (device="cpu") or as a GPU
-graph ("mixed" decode, device="cuda"). The test split is read with dataloading.eval.build_eval_loader.
+(each sample at most once per epoch across ranks, see dataloading.graph.EpochIterator), reproducible for a seed,
+and runs on CPU (device="cpu") or as a GPU graph ("mixed" decode, device="cuda"). The test split is read with
+dataloading.eval.build_eval_loader.
 """
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ from nvidia.dali.pipeline import Pipeline
 
 from dataloading.augment import decode, normalize, random_flip, random_resized_crop
 from dataloading.config import DataConfig, check_data_config
-from dataloading.graph import EpochIterator, dali_device, rank_seed
+from dataloading.graph import EpochIterator, dali_device, rank_seed, read_train_samples
 from dataloading.shards import (
     ascii_to_int,
     class_names,
     guard_samples,
     label_and_index_outputs,
     read_manifest,
-    read_samples,
 )
 
 
@@ -46,11 +46,7 @@ def define_supervised_pipeline(
     pipe = Pipeline(batch_size=batch_size, num_threads=cfg.num_threads, device_id=device_id,
                     seed=rank_seed(seed, shard_id))
     with pipe:
-        jpegs, labels = read_samples(
-            tars, idxs, True, random_shuffle=True,
-            # As the multi-crop loader: one tar order per epoch shared by all ranks keeps their shards disjoint.
-            shuffle_after_epoch=True, shuffle_after_epoch_seed=seed, shard_id=shard_id, num_shards=num_shards,
-        )
+        jpegs, labels = read_train_samples(tars, idxs, True, seed=seed, shard_id=shard_id, num_shards=num_shards)
         encoded, flags, flag_names = guard_samples(jpegs, manifest, guard)
         crop = random_resized_crop(decode(encoded, cfg.channels, device_type), size, scale)
         mirror = random_flip(flip_p)
@@ -62,8 +58,8 @@ def define_supervised_pipeline(
 class SupervisedLoader(EpochIterator):
     """Endless iterator of {"image": B×C×size×size float, "label": int64 (B,)} (+ "index" with with_index).
 
-    Each epoch yields floor(samples_per_epoch / batch_size) full batches of this rank's shard, then the next epoch
-    starts in a new order.
+    Each epoch yields steps_per_epoch full batches of this rank's shard, disjoint from the other ranks' (see
+    EpochIterator), then the next epoch starts in a new order.
     """
 
     def __init__(self, pipe: Pipeline, names: list[str], with_index: bool):

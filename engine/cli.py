@@ -12,7 +12,8 @@ def _pack(args) -> None:
     from dataloading.pack import pack
 
     manifest = pack(args.source, args.out, shard_size=args.shard_size, jpeg_quality=args.jpeg_quality,
-                    max_side=args.max_side, labels_from_folders=not args.no_labels, workers=args.workers)
+                    max_side=args.max_side, min_side=args.min_side, labels_from_folders=not args.no_labels,
+                    workers=args.workers)
     print(json.dumps({k: manifest[k] for k in ("kept", "skipped")}))
 
 
@@ -132,6 +133,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     pack.add_argument("--shard-size", type=int, default=10000, help="images per shard")
     pack.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded images")
     pack.add_argument("--max-side", type=int, default=None, help="downscale images whose longest side exceeds this")
+    pack.add_argument("--min-side", type=int, default=16, help="skip images with a side under this (px, as stored)")
     pack.add_argument("--no-labels", action="store_true", help="ignore class subfolders")
     pack.add_argument("--workers", type=int, default=None, help="validation/encoding processes (default: all cores)")
     pack.set_defaults(run=_pack)

@@ -322,6 +322,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError(str(err)) from None
     need(data.output_dtype == "float32" or train.precision != "fp32",
          f"data.output_dtype={data.output_dtype} needs train.precision=bf16 or fp16 (fp32 layers cannot take it)")
+    need(cfg.n_crops >= 2, "data.crops must define at least 2 crops in total (each crop predicts another's codes)")
     need(len(swav.crops_for_assign) > 0 and len(set(swav.crops_for_assign)) == len(swav.crops_for_assign),
          f"swav.crops_for_assign must be distinct crop indices, got {swav.crops_for_assign}")
     need(all(0 <= c < cfg.n_crops for c in swav.crops_for_assign),

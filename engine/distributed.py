@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,22 +42,29 @@ def init_distributed() -> DistInfo:
     """Join (or create) the default process group: NCCL on CUDA machines, gloo on CPU.
 
     Under the DeepSpeed launcher or torchrun the rank variables are set; a plain `python` / `seer` process
-    becomes a world of one on a free local port.
+    becomes a world of one.
     """
     import deepspeed  # heavy import, only where training starts
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if alone and not dist.is_initialized():
+        # A world of one meets itself through a file: a free port picked first could be taken by another process
+        # before it is bound (seen with several runs starting at once on one machine).
+        rendezvous = tempfile.mkdtemp(prefix="seer-rendezvous-")
+        dist.init_process_group(backend, init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
+    if not deepspeed.comm.is_initialized():
+        # dist_init_required=False: DeepSpeed adopts the group made above instead of looking for the launcher's
+        # variables (and, without them, for MPI).
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, dist_init_required=not alone)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

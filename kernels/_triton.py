@@ -1,8 +1,8 @@
-"""What the Triton ops of `kernels` share: the interpreter flag, one block-size helper, dot precision.
+"""What the Triton ops of `kernels` share: the interpreter flag, one block-size helper, the matmul input types.
 
 Block sizes are powers of two chosen by arithmetic for an H100/H200-class GPU (132 SMs, 228 KB shared memory
 per SM), not by a sweep on a GPU; benchmarks/swav_head.py times the kernels with them, and the sm_90 compile test
-records the registers and shared memory each kernel gets.
+records the registers, shared memory and tensor-core instructions each kernel gets.
 """
 
 import torch
@@ -13,6 +13,7 @@ from ._backend import interpreting
 
 # Decided once, like triton.jit's own choice between compiling and interpreting.
 INTERPRET = interpreting()
+_INTERPRET = tl.constexpr(INTERPRET)  # the same, readable inside kernels
 
 # Masked lanes and the initial running maximum of online log-sum-exps. Finite, so that max(NEG, NEG) - NEG
 # is 0 rather than nan; every real value (scores / epsilon, plus potentials) is many orders above it.
@@ -21,6 +22,9 @@ NEG = tl.constexpr(-1.0e30)
 # Most tile elements (rows × columns) one program keeps per live fp32 tile in the vector kernels (4096 elements
 # over 8 warps = 16 registers per thread per tile).
 MAX_TILE = 4096
+
+# Streaming multiprocessors of an H100/H200: the launchers size split reductions to fill about one wave of them.
+SM_COUNT = 132
 
 
 def pow2(n: int, lo: int, hi: int) -> int:
@@ -37,11 +41,80 @@ def num_warps(tile_elems: int) -> int:
     return 4 if tile_elems <= 2048 else 8
 
 
-def dot_precision() -> str:
-    """Precision of fp32 `tl.dot`s: torch's own matmul policy, so the kernels round like the reference does.
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (SM_COUNT where there is no CUDA device: the interpreter, meta)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SM_COUNT
 
-    torch's default ("highest") is true fp32 ("ieee"); torch.set_float32_matmul_precision("high") lets both the
-    reference matmul and these kernels use TF32 tensor cores. (The interpreter always computes in fp32.)
+
+def tf32_allowed() -> bool:
+    """Whether the caller lets fp32 matmuls use TF32 tensor cores, read as cuBLAS reads it.
+
+    torch >= 2.9 has a per-backend setting (torch.backends.cuda.matmul.fp32_precision, "none" until set) beside the
+    legacy one (allow_tf32, which torch.set_float32_matmul_precision("high") turns on); reading the legacy one after
+    the new one was set raises, so the new one is read first.
     """
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
 
+
+def dot_inputs(*dtypes: torch.dtype) -> str:
+    """What a kernel's tl.dot multiplies for operands stored in `dtypes`: "bf16", "fp16", "tf32" or "ieee".
+
+    A 16-bit operand takes the other to its type (bf16 embeddings × fp32 prototypes, the training path under
+    autocast, run as bf16 × bf16 with fp32 accumulation on tensor cores: what autocast does to the reference's
+    matmul too); fp32 × fp32 runs on TF32 tensor cores when torch allows TF32 matmuls (tf32_allowed), as exact
+    fp32 ("ieee") otherwise, and so does the odd bf16 × fp16 pair.
+    """
+    half = {d for d in dtypes if d in (torch.bfloat16, torch.float16)}
+    if len(half) == 1:
+        return "bf16" if half == {torch.bfloat16} else "fp16"
+    return "tf32" if tf32_allowed() else "ieee"
+
+
+@triton.jit
+def dot_operand(x, DOT: tl.constexpr):
+    """x as tl.dot's operand for the input type DOT (see dot_inputs): in the 16-bit type, or fp32 for tf32/ieee.
+
+    tf32 operands are rounded to nearest (cvt.rna, as cuBLAS rounds): Triton's own tf32 dot passes fp32 registers
+    to the wgmma unrounded (no cvt in its PTX), leaving the hardware to drop the 13 low mantissa bits (a truncation,
+    as far as documented; not observed here), whose bias (every product too small, by 2^-11 on average) moved SwAV's
+    loss 80x more than rounding in the interpreted tests (benchmarks/README.md). The interpreter computes every dot
+    exactly in fp32 and truncates fp32 to bf16, so there the operand is rounded as the GPU rounds it and kept in fp32
+    (round to nearest even for bf16, as cvt.rn): interpreted tests see the GPU's operands; only the order of the fp32
+    accumulation differs.
+    """
+    if _INTERPRET:
+        y = x.to(tl.float32)
+        if DOT == "bf16":
+            bits = y.to(tl.int32, bitcast=True)
+            y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        elif DOT == "fp16":
+            y = y.to(tl.float16).to(tl.float32)
+        elif DOT == "tf32":  # half an ulp onto the magnitude, then truncate: ties away from zero, as cvt.rna
+            y = ((y.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    elif DOT == "bf16":
+        y = x.to(tl.bfloat16)
+    elif DOT == "fp16":
+        y = x.to(tl.float16)
+    elif DOT == "tf32":
+        y = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x.to(tl.float32)], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def dot(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b with a and b from dot_operand(.., DOT): fp32 accumulation, TF32 tensor cores for DOT "tf32"."""
+    if _INTERPRET or DOT == "ieee":
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT == "tf32":
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc

@@ -38,6 +38,22 @@ def fp64_swav_loss(embeddings, prototypes, n_crops, crops_for_assign, temperatur
     return total / len(crops_for_assign)
 
 
+# Gradient tolerances of 16-bit inputs, as a fraction of the largest entry of the wanted gradient. The Triton
+# backward multiplies G = dL/dS / w and the normalized embeddings rounded to the input type on tensor cores (as
+# autocast's matmul backward does), so an entry's error scales with the whole row's gradient, not with its own
+# size. Largest seen against fp64 (tests/test_triton_swav_loss.py's grids, test_swav_queue.py's cases): bf16 0.84%,
+# fp16 0.066% (fp16 carries 3 more mantissa bits).
+GRAD_FRACTION_16BIT = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+
+
+def grad_tolerance(dtype, want):
+    """assert_close's atol and rtol for a gradient of inputs of `dtype` against `want`: 1e-7 and 1e-4 for fp32
+    inputs, a fraction of |want|'s largest entry for 16-bit ones (GRAD_FRACTION_16BIT)."""
+    if dtype not in GRAD_FRACTION_16BIT:
+        return dict(atol=1e-7, rtol=1e-4)
+    return dict(atol=GRAD_FRACTION_16BIT[dtype] * want.detach().abs().max().item(), rtol=0.0)
+
+
 def assert_close(got, want, *, atol, rtol, name):
     """allclose on float64 copies that names the tensor, reports nan/inf mismatches and the first bad indices.
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from engine.models.activation_checkpointing import checkpointed_modules, enable_activation_checkpointing
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
 from engine.distributed import init_distributed
 from engine.models.backbone import build_backbone
+from tiny_run import demo_config
 
 
 @pytest.fixture(scope="module")
@@ -55,4 +56,4 @@ def test_granularities_and_bad_values(backbone):
     with pytest.raises(ValueError, match="model.activation_checkpointing"):
         checkpointed_modules(backbone, "layer")
     with pytest.raises(ConfigError, match="model.activation_checkpointing"):
-        load_config(None, ["model.activation_checkpointing=layer"])
+        demo_config("model.activation_checkpointing=layer")

@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.models.batchnorm import batch_norm_group, sync_batch_norm
 from engine.distributed import free_port, shutdown_and_exit
 from engine.models.backbone import build_backbone
+from tiny_run import spawn_ranks
 
 WORLD, PER_RANK, GROUP_SIZES = 4, 4, (4, 2, 1)
 
@@ -54,7 +54,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("syncbn")
-    mp.spawn(_rank, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    spawn_ranks(_rank, (free_port(), str(out_dir)), WORLD)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -5,11 +5,12 @@ import subprocess
 
 from PIL import Image
 
-from tiny_run import SEER
+from tiny_run import SEER, child_env
 
 
 def seer(*args, cwd=None):
-    return subprocess.run([SEER, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run([SEER, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=child_env())
 
 
 def test_bad_config_key_is_one_clear_error(tmp_path):
@@ -35,7 +36,7 @@ def test_pack_folder_reports_kept_and_skipped(tmp_path):
         (tmp_path / "src" / label).mkdir(parents=True)
         for i in range(3):
             colour = (40 * i, 80, 120 if label == "cat" else 160)  # identical files would be packed once
-            Image.new("RGB", (12, 10), colour).save(tmp_path / "src" / label / f"{i}.png")
+            Image.new("RGB", (20, 16), colour).save(tmp_path / "src" / label / f"{i}.png")
     (tmp_path / "src" / "dog" / "notes.jpg").write_text("not an image")
     run = seer("data", "pack", tmp_path / "src", tmp_path / "out", "--workers", "1")
     assert run.returncode == 0, run.stderr

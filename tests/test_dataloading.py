@@ -211,7 +211,7 @@ def test_resume_refuses_another_rank_layout(shards):
 def test_flip_happens_about_half_the_time(shards):
     # No other augmentation and the full image as crop: a crop equals the image or its mirror.
     augment = AugmentConfig(flip_p=0.5, color_jitter_p=0.0, blur_p=0.0)
-    cfg = train_config(shards, crops=[CropGroup(28, 1, (1.0, 1.0))], augment=augment)
+    cfg = train_config(shards, crops=[CropGroup(28, 2, (1.0, 1.0))], augment=augment)  # data.crops needs 2; the first is checked
     eval_images = {}
     for batch in build_eval_loader(DataConfig(**GRAY), shards, size=28, batch_size=64, with_index=True):
         eval_images.update(zip(batch["index"].tolist(), batch["image"]))
@@ -231,7 +231,7 @@ def test_grayscale_p_one_gives_gray_rgb_crops(tmp_path):
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "colour" / f"{i}.png")
     pack(tmp_path / "colour", tmp_path / "shards", labels_from_folders=False, progress=False)
-    rgb = dict(channels=3, mean=(0.5,) * 3, std=(0.25,) * 3, crops=[CropGroup(16, 1, (0.5, 1.0))])
+    rgb = dict(channels=3, mean=(0.5,) * 3, std=(0.25,) * 3, crops=[CropGroup(16, 2, (0.5, 1.0))])
     for grayscale_p, gray in ((1.0, True), (0.0, False)):
         augment = AugmentConfig(color_jitter_p=0.0, grayscale_p=grayscale_p)
         crops = next(build_train_loader(train_config(tmp_path / "shards", augment=augment, **rgb), batch_size=8))
@@ -285,6 +285,83 @@ def test_one_device_rule_for_every_loader():
     assert dali_device("cuda") == ("cuda", expected)
     with pytest.raises(ValueError, match="a loader's device must be cpu or cuda, got 'meta'"):
         dali_device("meta")
+
+
+# -------------------------------------------------------------------------------------------- sharding by rank
+N_ODD = 686  # as a user's run: 343 samples per rank for 2 ranks, not a multiple of the batch
+SMALL_CROPS = [CropGroup(8, 2, (0.5, 1.0))]
+
+
+@pytest.fixture(scope="module")
+def odd_shards(fashion_train, tmp_path_factory):
+    out = tmp_path_factory.mktemp("odd-shards")
+    _pack_subset(fashion_train, out, count=N_ODD, shard_size=64, workers=1)  # 11 tar files, the last of 46
+    return out
+
+
+def _rank_loader(kind: str, shards, batch_size: int, shard_id: int, num_shards: int):
+    if kind == "multicrop":
+        return build_train_loader(train_config(shards, crops=SMALL_CROPS), batch_size=batch_size, shard_id=shard_id,
+                                  num_shards=num_shards, with_index=True)
+    return build_supervised_loader(DataConfig(**GRAY), shards, size=8, scale=(0.5, 1.0), batch_size=batch_size,
+                                   shard_id=shard_id, num_shards=num_shards, with_index=True)
+
+
+# (4, 19): ranks of 171 = 9 x 19 and 172 samples, the case where DALI's own DROP policy starts the next epoch with
+# a batch of padding (copies of one sample).
+@pytest.mark.parametrize("kind, num_shards, batch_size",
+                         [("multicrop", 2, 16), ("multicrop", 3, 16), ("multicrop", 4, 19), ("supervised", 2, 16),
+                          ("supervised", 4, 19)])
+def test_rank_epochs_are_disjoint_and_drop_only_the_last_partial_batch(odd_shards, kind, num_shards, batch_size):
+    steps = N_ODD // num_shards // batch_size  # the full batches of the smallest rank shard, on every rank
+    epochs = {}
+    for rank in range(num_shards):
+        loader = _rank_loader(kind, odd_shards, batch_size, rank, num_shards)
+        assert loader.steps_per_epoch == steps and loader.samples_per_epoch == N_ODD // num_shards
+        for epoch in range(2):
+            epochs[rank, epoch] = torch.cat([next(loader)["index"] for _ in range(steps)]).tolist()
+        assert loader.epoch == 1 and loader.step == 2 * steps
+    for epoch in range(2):
+        per_rank = [set(epochs[rank, epoch]) for rank in range(num_shards)]
+        assert [len(keys) for keys in per_rank] == [steps * batch_size] * num_shards  # no sample twice in a rank
+        union = set().union(*per_rank)
+        assert len(union) == num_shards * steps * batch_size  # no sample on two ranks
+        # Every sample but the rest of each rank's shard after its `steps` batches: at most a batch per rank.
+        assert union <= set(range(N_ODD)) and N_ODD - len(union) <= num_shards * batch_size
+
+
+def test_resume_at_an_epoch_end_where_only_padding_is_left(odd_shards):
+    # 4 ranks of batch 19: rank 0's 171 samples fill 9 batches, then its reader holds a batch of padding only.
+    def build():
+        return build_train_loader(train_config(odd_shards, crops=SMALL_CROPS), batch_size=19, shard_id=0,
+                                  num_shards=4, with_index=True)
+
+    reference = build()
+    take(reference, reference.steps_per_epoch)
+    state = reference.state_dict()
+    expected = take(reference, reference.steps_per_epoch)
+    resumed = build()
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, take(resumed, resumed.steps_per_epoch)):
+        assert torch.equal(got["index"], want["index"])
+        assert all(torch.equal(x, y) for x, y in zip(got["crops"], want["crops"]))
+    assert resumed.epoch == reference.epoch == 1
+
+
+def test_a_state_without_epoch_step_starts_a_new_pass(shards):
+    cfg = train_config(shards)
+    loader = build_train_loader(cfg, batch_size=32, with_index=True)
+    take(loader, 8)  # into the second epoch
+    state = loader.state_dict()
+    del state["epoch_step"]
+    resumed = build_train_loader(cfg, batch_size=32, with_index=True)
+    with pytest.warns(UserWarning, match="shard 0/1 predates batch-aligned epochs: the loader starts a new pass"):
+        resumed.load_state_dict(state)
+    assert (resumed.step, resumed.epoch) == (8, 1)
+    fresh = build_train_loader(cfg, batch_size=32, with_index=True)
+    batches = take(resumed, resumed.steps_per_epoch)
+    assert [b["index"].tolist() for b in batches] == [b["index"].tolist() for b in take(fresh, fresh.steps_per_epoch)]
+    assert (resumed.step, resumed.epoch) == (14, 1)
 
 
 # ------------------------------------------------------------------------------------------------------ guard
@@ -534,6 +611,20 @@ def test_eval_loader_shards_split_samples_exactly(shards):
                                    with_index=True)
         seen += torch.cat([b["index"] for b in loader]).tolist()
     assert sorted(seen) == list(range(N_IMAGES))
+
+
+# 4 ranks of batch 19: the reader pads the 171-sample shards to 172, so their last batch would hold padding only.
+@pytest.mark.parametrize("num_shards, batch_size", [(2, 16), (4, 19)])
+def test_eval_loader_ranks_see_every_sample_once_with_odd_sizes(odd_shards, num_shards, batch_size):
+    seen = []
+    for rank in range(num_shards):
+        loader = build_eval_loader(DataConfig(**GRAY), odd_shards, size=8, batch_size=batch_size, shard_id=rank,
+                                   num_shards=num_shards, with_index=True)
+        batches = [b["index"].tolist() for b in loader]
+        assert len(batches) == len(loader) and all(batches)  # no empty batch
+        assert sum(map(len, batches)) == loader.samples == N_ODD * (rank + 1) // num_shards - N_ODD * rank // num_shards
+        seen += [key for batch in batches for key in batch]
+    assert sorted(seen) == list(range(N_ODD))
 
 
 # -------------------------------------------------------------------------------------------------- GPU graph

@@ -2,7 +2,6 @@
 the saved classifier, and clear errors for unusable configs."""
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -17,15 +16,15 @@ from dataloading.eval import build_eval_loader
 from dataloading.sources import load_idx
 from dataloading.supervised import build_supervised_loader, define_supervised_pipeline
 from engine.evaluation.classifier import load_classifier
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
 from engine.training.finetune import Finetuner, count_correct, finetune
 from engine.models.backbone import build_backbone
 
-from tiny_run import SEER
+from tiny_run import SEER, demo_config, metrics_records
 
 N_TRAIN, N_TEST = 400, 200
 GRAY = DataConfig(channels=1, mean=(0.286,), std=(0.353,))
-# regnety_micro at 24 px, 60 steps of 32 images (~5 epochs of the 400 images): ~2 s, about half the test set right.
+# regnety_micro at 24 px, 60 steps of 32 images (~5 epochs of the 400 images): ~1 s, ~60% of the test set right.
 TINY = ["model.backbone=regnety_micro", "finetune.image_size=24", "finetune.crop_scale=[0.6, 1]", "finetune.steps=60",
         "finetune.batch_size=32", "finetune.lr=1.0", "finetune.warmup_steps=5", "finetune.log_every=10",
         "finetune.progress=false"]
@@ -57,8 +56,8 @@ def unlabelled(tmp_path_factory):
 
 
 def finetune_config(shards, output_dir, *extra):
-    return load_config("demo", [*TINY, f"finetune.train_shards={shards['train']}",
-                              f"finetune.test_shards={shards['test']}", f"finetune.output_dir={output_dir}", *extra])
+    return demo_config(*TINY, f"finetune.train_shards={shards['train']}", f"finetune.test_shards={shards['test']}",
+                       f"finetune.output_dir={output_dir}", *extra)
 
 
 def run(cfg, weights="random") -> Finetuner:
@@ -127,20 +126,16 @@ def test_supervised_loader_refuses_unlabelled_shards(unlabelled):
 
 
 # ---------------------------------------------------------------------------------------------------- finetune
-def test_finetune_learns_and_is_deterministic(finetuned, shards, tmp_path):
+def test_finetune_learns(finetuned):
     result = finetuned.result
     assert result["steps"] == 60 and result["weights"] == "random"
-    assert result["top1"] > 0.3, result  # 10 classes: chance is 0.1
+    assert result["top1"] > 0.45, result  # 10 classes, 200 images: chance is 0.1. Seen: 0.625
     output = Path(result["output_dir"])
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(output)
     assert [r["step"] for r in records[:-1]] == [10, 20, 30, 40, 50, 60]
-    assert records[0]["loss"] > records[-2]["loss"] and records[-1] == {"step": 60, "test_top1": result["top1"]}
+    assert records[-2]["loss"] < 0.7 * records[0]["loss"], records  # seen: 2.42 at step 10, 1.22 at step 60
+    assert records[-1] == {"step": 60, "test_top1": result["top1"]}
     assert any((output / "tensorboard").iterdir()) and (output / "config.yaml").is_file()
-
-    again = run(finetune_config(shards, tmp_path / "again"))
-    assert again.result["top1"] == result["top1"]
-    first, second = saved_weights(finetuned), saved_weights(again)
-    assert all(torch.equal(first[name], second[name]) for name in first)
 
 
 def test_saved_classifier_gives_the_same_logits_and_top1(finetuned, shards):
@@ -156,8 +151,9 @@ def test_saved_classifier_gives_the_same_logits_and_top1(finetuned, shards):
     assert total == N_TEST and correct / total == finetuned.result["top1"]
 
 
-def test_backbone_file_is_the_starting_point(finetuned, shards, tmp_path):
-    """A backbone file holding the weights random init draws for the seed must give exactly the random-init run."""
+def test_rerun_from_a_backbone_file_of_the_seeds_init_is_bit_identical(finetuned, shards, tmp_path):
+    """A second run, from a backbone file holding the weights random init draws for the seed, must give exactly the
+    random-init run: fine-tuning is deterministic, and the file is its starting point."""
     torch.manual_seed(0)  # finetune.seed
     state = build_backbone("regnety_micro", in_chans=1).state_dict()
     torch.save({"backbone": "regnety_micro", "in_chans": 1, "state_dict": state}, tmp_path / "backbone.pt")

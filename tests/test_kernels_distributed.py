@@ -16,12 +16,12 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from engine.distributed import free_port, shutdown_and_exit
 from kernel_checks import assert_close
 from kernels import sinkhorn, swav_loss
+from tiny_run import spawn_ranks
 
 WORLD = 2
 
@@ -118,7 +118,7 @@ def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("kernels_distributed")
     inputs = {backend: make_inputs(setup) for backend, setup in SETUPS.items()}
     torch.save(inputs, out_dir / "inputs.pt")
-    mp.spawn(_worker, args=(free_port(), str(out_dir / "inputs.pt"), str(out_dir)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (free_port(), str(out_dir / "inputs.pt"), str(out_dir)), WORLD)
     results = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
     return {backend: (inputs[backend], [r[backend] for r in results]) for backend in SETUPS}
 

@@ -16,20 +16,18 @@ import deepspeed
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
 
-from engine.config import load_config
 from engine.distributed import free_port, shutdown_and_exit
 from engine.training.optim import PROTOTYPES, build_optimizer
 from engine.training.pretrain import pretrain
-from tiny_run import final_weights, tiny_config
+from tiny_run import demo_config, final_weights, spawn_ranks, tiny_config
 
 WORLD, STEPS, BATCH = 2, 5, 8
 # Strong LARS (eta 0.02, not SEER's 0.001) and visible weight decay, so that wrong norms move the weights far.
-OPTIM = load_config("demo", ["optim.trust_coefficient=0.02", "optim.weight_decay=0.001"]).optim
+OPTIM = demo_config("optim.trust_coefficient=0.02", "optim.weight_decay=0.001").optim
 LR, FROZEN_STEPS = 0.5, 2  # prototypes frozen (lr 0) for the first steps, as in SwAV
 CASES = {  # name: ZeRO stage, extra zero_optimization settings
     "zero0": (0, {}),
@@ -130,7 +128,7 @@ def _worker(rank, port, out_dir, data):
 def ranks(tmp_path_factory, shards):
     """{case or pretrain_zeroN: [result of rank 0, result of rank 1]}."""
     out_dir = tmp_path_factory.mktemp("lars_sharded")
-    mp.spawn(_worker, args=(free_port(), str(out_dir), shards), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (free_port(), str(out_dir), shards), WORLD)
     results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return {name: [r[name] for r in results] for name in results[0]}
 

@@ -1,18 +1,11 @@
 """Training monitors (engine/training/monitor.py): prototype usage, the collapse warning, the online kNN."""
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from tiny_run import REPO, tiny_config
+from tiny_run import demo_config, metrics_records, tiny_config
 
-from engine.config import ConfigError, MonitorConfig, load_config
-from engine.distributed import free_port
+from engine.config import ConfigError, MonitorConfig
 from engine.evaluation.evaluate import evaluate, knn_top1, split_features
 from engine.models.weights import load_backbone_weights
 from engine.models.backbone import build_backbone
@@ -21,10 +14,6 @@ from engine.training.monitor import CollapseMonitor, OnlineKnn, prototype_usage
 from engine.training.pretrain import pretrain
 
 K = 20  # prototypes of the tiny test config
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_prototype_usage_matches_an_fp64_reference():
@@ -98,14 +87,15 @@ REAL = ("train.steps=12", "monitor.collapse_check_from_step=6", "monitor.collaps
 def test_healthy_run_is_not_flagged_and_logs_online_knn(shards, tmp_path, capfd):
     cfg = tiny_config(shards, tmp_path / "run", *REAL, "monitor.knn_every=6")
     pretrain(cfg)
-    logged = records(tmp_path / "run")
+    logged = metrics_records(tmp_path / "run")
     assert [r["collapse"] for r in logged] == [0] * 12
     assert "looks collapsed" not in capfd.readouterr().err
     for r in logged:
         assert 1 <= r["proto_used"] <= K and 0 <= r["proto_entropy"] <= math.log(K)
         assert r["loss_over_ln_k"] == pytest.approx(r["loss"] / math.log(K))
     knn = {r["step"]: r["knn_top1"] for r in logged if "knn_top1" in r}
-    assert sorted(knn) == [6, 12] and all(0 <= v <= 1 for v in knn.values())
+    # 40 test images of 10 classes: 8 or more right by chance has p < 0.05. Seen: 0.35 and 0.325.
+    assert sorted(knn) == [6, 12] and all(0.2 <= v <= 1 for v in knn.values()), knn
     # The last online value is the offline kNN of the final weights (same shards, k, temperature).
     offline = evaluate(load_backbone_weights(tmp_path / "run" / "backbone_final.pt"), cfg, ("knn",))["knn_top1"]
     assert knn[12] == offline
@@ -120,7 +110,7 @@ def test_healthy_run_is_not_flagged_and_logs_online_knn(shards, tmp_path, capfd)
 ])
 def test_collapsed_run_is_flagged(shards, tmp_path, capfd, setting, criterion):
     pretrain(tiny_config(shards, tmp_path / "run", *REAL, *setting))
-    logged = records(tmp_path / "run")
+    logged = metrics_records(tmp_path / "run")
     assert [r["collapse"] for r in logged] == [0] * 7 + [1] * 5  # windows 6, 7, 8 make the streak
     assert capfd.readouterr().err.count("looks collapsed") == 1
     late = logged[5:]
@@ -130,22 +120,12 @@ def test_collapsed_run_is_flagged(shards, tmp_path, capfd, setting, criterion):
         assert all(r["loss_over_ln_k"] == pytest.approx(1, abs=0.01) for r in late)
 
 
-def test_two_ranks_sum_histograms_warn_once_and_run_knn_without_deadlock(shards, tmp_path):
-    # Thresholds that flag every window, to read the summed histogram's size from the warning.
-    cfg = tiny_config(shards, tmp_path / "ddp", "train.steps=4", "monitor.knn_every=2",
-                      "monitor.collapse_min_entropy=1", "monitor.collapse_check_from_step=0",
-                      "monitor.collapse_patience=1")
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    run = subprocess.run(
-        [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-         "--module", "engine.training.pretrain", "--config", str(tmp_path / "tiny.yaml")],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    warnings = [line for line in (run.stdout + run.stderr).splitlines() if "looks collapsed" in line]
+def test_two_ranks_sum_histograms_warn_once_and_run_knn_without_deadlock(two_rank_run):
+    # Its thresholds flag every window, to read the summed histogram's size from the warning.
+    run, launched = two_rank_run
+    warnings = [line for line in (launched.stdout + launched.stderr).splitlines() if "looks collapsed" in line]
     assert len(warnings) == 1 and "the 64 assigned crops" in warnings[0]  # 2 ranks x 16 images x 2 assigned crops
-    logged = records(tmp_path / "ddp")
-    assert [r["step"] for r in logged if "knn_top1" in r] == [2, 4]
+    assert [r["step"] for r in metrics_records(run) if "knn_top1" in r] == [2, 4]
 
 
 def test_online_knn_leaves_the_model_alone_and_matches_offline_knn(shards, tmp_path):
@@ -164,9 +144,9 @@ def test_online_knn_leaves_the_model_alone_and_matches_offline_knn(shards, tmp_p
 
 def test_monitor_config_errors_name_the_key(shards, tmp_path):
     with pytest.raises(ConfigError, match="monitor.knn_train_shards"):
-        load_config(None, ["monitor.knn_every=10", "eval.train_shards=''"])
+        demo_config("monitor.knn_every=10", "eval.train_shards=''")
     with pytest.raises(ConfigError, match="monitor.collapse_min_entropy"):
-        load_config(None, ["monitor.collapse_min_entropy=2"])
+        demo_config("monitor.collapse_min_entropy=2")
     cfg = tiny_config(shards, tmp_path, f"monitor.knn_test_shards={tmp_path / 'missing'}")
     with pytest.raises(FileNotFoundError, match="monitor.knn_test_shards"):
         OnlineKnn(cfg, torch.device("cpu"), channels_last=False)

@@ -11,11 +11,12 @@ import torch
 
 from dataloading.config import DataConfig
 from dataloading.eval import image_file_batches
+from dataloading.pack import display_path
 from dataloading.shards import matching_class_names
 from engine.evaluation.classifier import Classifier, load_classifier, save_classifier
 from engine.evaluation.evaluate import FeatureCache, split_features
-from engine.models.weights import backbone_from_weights, read_weights
 from engine.evaluation.probes import fit_linear_probe
+from engine.models.weights import backbone_from_weights, read_weights
 
 
 def save_linear_head(weights_path: str | Path, cfg, out: str | Path, image_size: int | None = None) -> dict:
@@ -69,6 +70,6 @@ def predict(model_path: str | Path, inputs: list[str | Path], top_k: int = 5, ba
     for start, images in zip(range(0, len(files), batch_size), batches):
         top = classifier(images).softmax(dim=1).topk(min(top_k, len(names)), dim=1)
         for file, probabilities, indices in zip(files[start:], top.values.tolist(), top.indices.tolist()):
-            results.append({"file": str(file), "top": [{"class": names[i], "index": i, "probability": p}
+            results.append({"file": display_path(file), "top": [{"class": names[i], "index": i, "probability": p}
                                                        for p, i in zip(probabilities, indices)]})
     return results

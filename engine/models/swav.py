@@ -32,11 +32,12 @@ class SwAVLoss:
                    swav.backend, group)
 
     def __call__(self, embeddings: torch.Tensor, prototypes: torch.Tensor, n_crops: int,
-                 queue: torch.Tensor | None = None) -> torch.Tensor:
+                 queue: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss, and each assigned sample's nearest prototype (n_assign x B, from the kernels' scoring pass)."""
         return kernels.swav_loss(embeddings, prototypes, n_crops=n_crops, crops_for_assign=self.crops_for_assign,
                                  temperature=self.temperature, epsilon=self.epsilon,
                                  sinkhorn_iterations=self.sinkhorn_iterations, group=self.group, backend=self.backend,
-                                 queue=queue)
+                                 queue=queue, return_nearest=True)
 
 
 class SwAVHead(nn.Module):
@@ -78,9 +79,9 @@ class SwAVHead(nn.Module):
     def forward(self, features: torch.Tensor, n_crops: int) -> torch.Tensor:
         embeddings = self.projection(features)
         queue = self.queue if self.queue.shape[1] and self.queue_filled == self.queue.shape[1] else None
-        losses = [self.loss(embeddings, p, n_crops, queue) for p in self.prototypes]
+        losses, nearest = zip(*(self.loss(embeddings, p, n_crops, queue) for p in self.prototypes))
         if self.training:
-            self._count_assignments(embeddings.detach(), n_crops)
+            self._count_assignments(nearest)
             if self.queue_started:
                 self._enqueue(embeddings.detach(), n_crops)
         self.head_losses = [loss.detach() for loss in losses]
@@ -102,16 +103,13 @@ class SwAVHead(nn.Module):
         self.queue_filled = min(length, self.queue_filled + new.shape[1])
 
     @torch.no_grad()
-    def _count_assignments(self, embeddings: torch.Tensor, n_crops: int) -> None:
-        # Here, not in the loss kernels: under ZeRO-3 the prototypes are gathered only during this forward. One
-        # (assigned crops x B) x K score matrix per head, small next to the backbone.
-        assigned = F.normalize(self._assigned(embeddings, n_crops).flatten(0, 1).float(), dim=1)
+    def _count_assignments(self, nearest: tuple[torch.Tensor, ...]) -> None:
+        """Add each head's nearest prototypes of the assigned crops (from the loss's scoring pass) to its histogram."""
         counts = []
-        for prototypes in self.prototypes:
-            nearest = (assigned @ prototypes.float().T).argmax(dim=1)
+        for k, head_nearest in zip(self.heads, nearest):
+            flat = head_nearest.flatten()
             # Not bincount: on CUDA it reads the largest index on the host to size its output, a sync every step.
-            head_counts = torch.zeros(prototypes.shape[0], dtype=torch.long, device=nearest.device)
-            counts.append(head_counts.index_add_(0, nearest, torch.ones_like(nearest)))
+            counts.append(torch.zeros(k, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat)))
         if self.assignment_counts is not None:
             counts = [a + b for a, b in zip(self.assignment_counts, counts)]
         self.assignment_counts = counts

@@ -111,7 +111,7 @@ class SwAVTraining:
                                          iterations=self.cfg.swav.sinkhorn_iterations, backend="torch")
                 out["heads"].append({"prototypes": stats(prototypes), "scores": stats(scores),
                                      "codes_of_first_assigned_crop": stats(codes)})
-        params = [p for p in self.model.parameters()]
+        params = list(self.model.parameters())
         out["parameters_non_finite"] = sum(not torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in params)
         out["gradients_non_finite"] = sum(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
         return out
