@@ -75,7 +75,7 @@ def cpu_seconds() -> float:
 
 
 def busy_cpu_seconds() -> float:
-    """CPU time all processes on the machine have used since boot (all CPUs, idle and I/O wait excluded)."""
+    """CPU time all processes on the machine have used since boot (all CPUs; idle, I/O wait and steal excluded)."""
     import psutil
 
     times = psutil.cpu_times()
