@@ -1,5 +1,6 @@
 """Data-loading benchmark: img/s of the DALI multi-crop train loader vs a PyTorch DataLoader + Pillow doing the same
-recipe with the same number of CPU threads, side by side in one run.
+recipe with the same number of CPU threads (torchvision's transforms, and the DALI graph's own ops and colour maths),
+side by side in one run.
 
     seer data tiles runs/tiles --count 2000 && seer data pack runs/tiles runs/tiles-shards --no-labels
     seer bench data runs/tiles-shards --threads 2                      # every provider, SEER's 6-crop recipe
@@ -12,15 +13,20 @@ Providers:
 - dali: dataloading.multicrop's CPU pipeline, num_threads = --threads, as training runs on these shards (written by
   `seer data pack`, which checked every JPEG: no per-sample guard while loading);
 - dali_guarded: the same with the per-sample guard forced on, as for shards not written by `seer data pack`;
-- pillow: dataloading.torch_baseline (torchvision's PIL transforms, as the SwAV code), --threads worker processes.
+- pillow: dataloading.torch_baseline with torchvision's PIL transforms (as the SwAV code), --threads worker processes;
+- pillow_dali_ops: the same DataLoader with the DALI graph's ops and maths (one colour matrix per crop on uint8 HWC,
+  HWC float output), the peer that does what DALI does, so that the comparison is of the engines, not the recipes.
 The main process runs torch with one thread. All loaders are built first, then timed in turns: --rounds rounds, each
 timing --batches / --rounds batches of every provider, so that a drift of the machine's speed weighs on all alike.
 Each turn starts with --warmup untimed batches (the first also covers the build and the workers' start-up), which
 empty the loader's queue (DataLoader: 2 batches per worker; DALI: 2; the default, 2 × threads + 3, is more), and
 ends with a pause as long as --warmup of its batches, in which the loader refills its queue without slowing the
-next provider. img/s = timed batches × batch size / their wall time; p20/p50/p80 of the time between batches.
+next provider. img/s = timed batches × batch size / their wall time; p20/p50/p80 of the time between batches;
+CPU ms per image = CPU time of this process and its children (DALI's threads, DataLoader workers) during the timed
+batches / their images: what a provider costs, which other jobs on a shared machine disturb far less than wall time.
 Records are appended to benchmarks/results/data_cpu.json under the current directory (or --out), one per provider,
-with the command, the data (samples, mean image size and JPEG size), the guard's cost per image, machine, versions and
+with the command, the data (samples, mean image size and JPEG size), the guard's cost per image, machine (CPUs, and
+other_jobs_cpu_share: the share of the machine's CPU time other processes used during the measurement), versions and
 commit.
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -36,7 +43,8 @@ from pathlib import Path
 
 from benchmarks.harness import RESULTS_DIR, append_records, environment, percentiles, script_main
 
-PROVIDERS = ("dali", "dali_guarded", "pillow")
+PROVIDERS = ("dali", "dali_guarded", "pillow", "pillow_dali_ops")
+PILLOW_OPS = {"pillow": "torchvision", "pillow_dali_ops": "dali"}  # provider -> PillowTrainLoader's ops
 GUARD_SAMPLE = 256  # images on which the guard's cost per image is timed
 
 
@@ -44,9 +52,35 @@ def make_loader(provider: str, cfg, batch_size: int):
     from dataloading.multicrop import build_train_loader
     from dataloading.torch_baseline import PillowTrainLoader
 
-    if provider == "pillow":
-        return PillowTrainLoader(cfg, batch_size=batch_size)
+    if provider in PILLOW_OPS:
+        return PillowTrainLoader(cfg, batch_size=batch_size, ops=PILLOW_OPS[provider])
     return build_train_loader(cfg, batch_size=batch_size, guard=True if provider == "dali_guarded" else None)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads: DALI's) and of its child processes, live (DataLoader
+    workers) or ended."""
+    import psutil  # a dependency of DeepSpeed
+
+    me = psutil.Process()
+    times = me.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in me.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time all processes on the machine have used since boot (all CPUs; idle, I/O wait and steal excluded)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    # Linux counts guest time within user time; steal is time the hypervisor gave to other machines.
+    return times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
 
 
 def measure(providers, cfg, *, batch_size: int, batches: int, warmup: int, rounds: int) -> dict[str, dict]:
@@ -55,37 +89,40 @@ def measure(providers, cfg, *, batch_size: int, batches: int, warmup: int, round
     on a shared machine) weighs on all of them alike. After its timed batches a loader refills its queue in the
     background (DALI: 2 batches; DataLoader: 2 per worker), which would slow the next provider down: each turn
     ends with a pause as long as `warmup` of its batches. Each turn starts with `warmup` untimed batches, which
-    empty the queue (its batches would count as instant)."""
+    empty the queue (its batches would count as instant). The CPU time spent during a provider's timed batches
+    (this process and its children) is its cost: other jobs on a shared machine stretch wall time far more."""
     loaders, results = {}, {}
     for provider in providers:
         start = time.perf_counter()
         loaders[provider] = make_loader(provider, cfg, batch_size)
         for _ in range(warmup):
             next(loaders[provider])
-        results[provider] = dict(warmup_s=time.perf_counter() - start, intervals=[])
+        results[provider] = dict(warmup_s=time.perf_counter() - start, intervals=[], cpu_s=0.0)
     per_round = [batches // rounds + (r < batches % rounds) for r in range(rounds)]
     for round_batches in per_round:
         for provider, loader in loaders.items():
             for _ in range(warmup):
                 next(loader)
-            last, turn = time.perf_counter(), []
+            cpu_start, last, turn = cpu_seconds(), time.perf_counter(), []
             for _ in range(round_batches):
                 next(loader)
                 now = time.perf_counter()
                 turn.append(now - last)
                 last = now
+            results[provider]["cpu_s"] += cpu_seconds() - cpu_start
             results[provider]["intervals"] += turn
             time.sleep(warmup * statistics.median(turn))  # the loader refills its queue undisturbed
     for provider, loader in loaders.items():
         intervals = results[provider].pop("intervals")
         q20, q50, q80 = percentiles(intervals)
         results[provider].update(img_per_s=batches * batch_size / sum(intervals), batch_s_p20=q20, batch_s_p50=q50,
-                                 batch_s_p80=q80, bad_samples=getattr(loader, "bad_samples", None))
+                                 batch_s_p80=q80, cpu_ms_per_image=results[provider].pop("cpu_s") * 1e3 / (
+                                     batches * batch_size), bad_samples=getattr(loader, "bad_samples", None))
     # DALI pipelines first: stopping DataLoader workers while DALI threads still refill their queues made a worker
     # abort on exit now and then ("terminate called without an active exception"), after the measurement.
-    pillow = loaders.pop("pillow", None)
+    pillows = [loaders.pop(provider) for provider in PILLOW_OPS if provider in loaders]
     loaders.clear()
-    if pillow is not None:
+    for pillow in pillows:
         pillow.close()
     return results
 
@@ -126,10 +163,13 @@ def benchmark(shards: str, *, providers, threads: int, batch_size: int, batches:
     common = dict(benchmark="data/multicrop", recipe=recipe, loader_threads=threads, batch_size=batch_size,
                   batches=batches, rounds=rounds, warmup_batches=warmup, **describe_shards(shards),
                   **environment(torch.device("cpu")), dali=nvidia.dali.__version__, pillow=PIL.__version__,
-                  torchvision=torchvision.__version__)
+                  torchvision=torchvision.__version__, cpus=os.cpu_count())
     print(f"{', '.join(providers)}: {batches} timed batches of {batch_size} each, in {rounds} rounds of turns "
           f"(each turn after {warmup} untimed batches)", file=sys.stderr, flush=True)
+    machine_start, ours_start, wall_start = busy_cpu_seconds(), cpu_seconds(), time.perf_counter()
     results = measure(providers, cfg, batch_size=batch_size, batches=batches, warmup=warmup, rounds=rounds)
+    others = (busy_cpu_seconds() - machine_start) - (cpu_seconds() - ours_start)
+    common["other_jobs_cpu_share"] = max(0.0, others) / ((time.perf_counter() - wall_start) * common["cpus"])
     return [dict(provider=provider, **results[provider], **common) for provider in providers]
 
 
@@ -139,8 +179,15 @@ def summary(records: list[dict]) -> str:
              f"batch {first['batch_size']}, "
              f"{first['samples']} JPEGs of ~{first['image_width_mean']:.0f}x{first['image_height_mean']:.0f} px "
              f"({first['jpeg_kb_mean']:.0f} KB), {first['device']}"]
+    img_per_s = {r["provider"]: r["img_per_s"] for r in records}
     for r in records:
-        lines.append(f"  {r['provider']:15} {r['img_per_s']:8.1f} img/s   batch p50 {r['batch_s_p50'] * 1e3:7.0f} ms")
+        lines.append(f"  {r['provider']:15} {r['img_per_s']:8.1f} img/s   batch p50 {r['batch_s_p50'] * 1e3:7.0f} ms   "
+                     f"CPU {r['cpu_ms_per_image']:5.1f} ms per image")
+    cpu = {r["provider"]: r["cpu_ms_per_image"] for r in records}
+    for pillow in PILLOW_OPS:
+        if "dali" in img_per_s and pillow in img_per_s:
+            lines.append(f"  dali / {pillow}: {img_per_s['dali'] / img_per_s[pillow]:.2f}x img/s, "
+                         f"{cpu['dali'] / cpu[pillow]:.2f}x CPU time per image")
     lines.append(f"  guard (jpeg_problem): {first['guard_us_per_image']:.0f} us per image")
     return "\n".join(lines)
 
