@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from engine.training.arguments import finetune_arguments, pretrain_arguments
+
 
 def _pack(args) -> None:
     from dataloading.pack import pack
@@ -26,16 +28,20 @@ def _tiles(args) -> None:
 
 def _pretrain(args) -> None:
     from engine.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a config error is told before the training code loads
     from engine.training.pretrain import pretrain
 
-    print(json.dumps(pretrain(load_config(args.config, args.overrides), resume=args.resume)))
+    print(json.dumps(pretrain(cfg, resume=args.resume)))
 
 
 def _finetune(args) -> None:
     from engine.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a config error is told before the training code loads
     from engine.training.finetune import finetune
 
-    print(json.dumps(finetune(load_config(args.config, args.overrides), args.weights)))
+    print(json.dumps(finetune(cfg, args.weights)))
 
 
 def _eval(args) -> None:
@@ -147,18 +153,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     tiles.set_defaults(run=_tiles)
 
     pretrain = commands.add_parser("pretrain", help="SwAV pretraining (no --config: the demo's config)")
-    if named("pretrain"):
-        from engine.training.pretrain import add_arguments as add_pretrain_arguments
-
-        add_pretrain_arguments(pretrain)
+    pretrain_arguments(pretrain)
     pretrain.set_defaults(run=_pretrain)
 
     finetune = commands.add_parser(
         "finetune", help="backbone + linear classifier trained end to end on finetune.train_shards; test top-1")
-    if named("finetune"):
-        from engine.training.finetune import add_arguments as add_finetune_arguments
-
-        add_finetune_arguments(finetune)
+    finetune_arguments(finetune)
     finetune.set_defaults(run=_finetune)
 
     evaluate = commands.add_parser(

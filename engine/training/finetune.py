@@ -7,7 +7,6 @@ pretrained file or from random weights, for a comparison at the same budget.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from engine.evaluation.classifier import Classifier, save_classifier
 from engine.models.backbone import build_backbone
 from engine.models.weights import backbone_from_weights, read_weights
 from engine.training import loop
+from engine.training.arguments import finetune_arguments
 from engine.training.optim import build_optimizer, lr_schedule
 from engine.training.runtime import Runtime
 
@@ -161,18 +161,8 @@ def finetune(cfg: Config, weights: str) -> dict:
         trainer.close()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", required=True,
-                        help="backbone file from pretraining (backbone_final.pt), or 'random' for model.backbone "
-                             "at random init")
-    parser.add_argument("--config", default="demo",
-                        help="YAML file of the keys that differ from the defaults, or a packaged config's name "
-                             "(default: demo)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = launched_arguments("engine.training.finetune", __doc__, add_arguments, argv)
+    args = launched_arguments("engine.training.finetune", __doc__, finetune_arguments, argv)
     cfg = load_config(args.config, args.overrides)
     run_rank_and_exit(lambda: finetune(cfg, args.weights))
 

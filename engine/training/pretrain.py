@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -21,6 +20,7 @@ from engine.distributed import launched_arguments, rank_divergence, run_rank_and
 from engine.models.batchnorm import batch_norm_group
 from engine.models.swav import build_swav_model
 from engine.training import loop
+from engine.training.arguments import pretrain_arguments
 from engine.training.checkpoint import Checkpointer, CheckpointWarning
 from engine.training.monitor import TrainingMonitor
 from engine.training.optim import build_optimizer, schedules
@@ -256,19 +256,8 @@ def pretrain(cfg: Config, resume: bool | None = None) -> dict:
         trainer.close()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="demo",
-                        help="YAML file of the keys that differ from the defaults (SEER's recipe), or the name of a "
-                             "packaged one: demo (the default), seer_regnety_256gf")
-    parser.add_argument("--resume", action="store_const", const=True, default=None,
-                        help="same as train.resume=must: continue from the newest complete checkpoint in "
-                             "train.output_dir, and fail if there is none (train.resume=auto, the default, "
-                             "starts fresh then)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = launched_arguments("engine.training.pretrain", __doc__, add_arguments, argv)
+    args = launched_arguments("engine.training.pretrain", __doc__, pretrain_arguments, argv)
     cfg = load_config(args.config, args.overrides)
     run_rank_and_exit(lambda: pretrain(cfg, resume=args.resume))
 
