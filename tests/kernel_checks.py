@@ -22,14 +22,21 @@ def plain_swav_sinkhorn(scores, epsilon, iterations, dtype=torch.float64):
     return (q * b).T
 
 
-def fp64_swav_loss(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, iterations):
-    """The SwAV loss written out crop by crop in fp64 with SwAV's plain Sinkhorn (independent of kernels)."""
+def fp64_swav_loss(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, iterations, queue=None):
+    """The SwAV loss written out crop by crop in fp64 with SwAV's plain Sinkhorn (independent of kernels). With a
+    queue (assigned slot x L x D), its rows are appended before Sinkhorn (whose sample count, B + L, includes them)
+    and the batch rows' codes kept, as SwAV/VISSL do."""
     z = embeddings.double() / embeddings.double().norm(dim=1, keepdim=True)
     b = len(z) // n_crops
     crop_scores = [z[c * b:(c + 1) * b] @ prototypes.double().T for c in range(n_crops)]
     total = 0.0
-    for a in crops_for_assign:
-        q = plain_swav_sinkhorn(crop_scores[a].detach(), epsilon, iterations)
+    for i, a in enumerate(crops_for_assign):
+        with torch.no_grad():
+            assign_scores = crop_scores[a]
+            if queue is not None:
+                zq = queue[i].detach().double() / queue[i].detach().double().norm(dim=1, keepdim=True)
+                assign_scores = torch.cat((assign_scores, zq @ prototypes.double().T))
+            q = plain_swav_sinkhorn(assign_scores, epsilon, iterations)[:b]
         crop_loss = 0.0
         for v in range(n_crops):
             if v != a:

@@ -28,27 +28,6 @@ BACKENDS = ("torch", "triton")
 D, K = 24, 100
 
 
-def fp64_swav_loss_with_queue(embeddings, prototypes, queue, n_crops, crops_for_assign, temperature, epsilon,
-                              iterations):
-    """SwAV's loss in fp64, crop by crop, with queue rows appended before SwAV's plain Sinkhorn (whose sample count,
-    B + L, includes them) and the batch rows' codes kept."""
-    z = embeddings.double() / embeddings.double().norm(dim=1, keepdim=True)
-    zq = queue.detach().double() / queue.detach().double().norm(dim=2, keepdim=True)
-    b = len(z) // n_crops
-    crop_scores = [z[c * b:(c + 1) * b] @ prototypes.double().T for c in range(n_crops)]
-    total = 0.0
-    for i, a in enumerate(crops_for_assign):
-        with torch.no_grad():
-            appended = torch.cat((crop_scores[a], zq[i] @ prototypes.double().T))
-            q = plain_swav_sinkhorn(appended, epsilon, iterations)[:b]
-        crop_loss = 0.0
-        for v in range(n_crops):
-            if v != a:
-                crop_loss -= (q * torch.log_softmax(crop_scores[v] / temperature, dim=1)).sum(dim=1).mean()
-        total += crop_loss / (n_crops - 1)
-    return total / len(crops_for_assign)
-
-
 def make_inputs(n_crops, b, length, n_assign, seed=0, dtype=torch.float32):
     """Unnormalized embeddings (crop-major) and queue, unit-norm prototypes; the queue does not require grad."""
     g = torch.Generator().manual_seed(seed)
@@ -66,8 +45,7 @@ def loss_and_grads(embeddings, prototypes, queue, backend, grad_output=1.0, **kw
 def fp64_loss_and_grads(embeddings, prototypes, queue, grad_output=1.0, *, n_crops, crops_for_assign, temperature,
                         epsilon, sinkhorn_iterations):
     e64, p64 = (t.detach().double().requires_grad_() for t in (embeddings, prototypes))
-    loss = fp64_swav_loss_with_queue(e64, p64, queue, n_crops, crops_for_assign, temperature, epsilon,
-                                     sinkhorn_iterations)
+    loss = fp64_swav_loss(e64, p64, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations, queue)
     return (loss, *torch.autograd.grad(loss, (e64, p64), grad_outputs=torch.tensor(grad_output, dtype=torch.float64)))
 
 
