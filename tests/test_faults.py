@@ -1,5 +1,5 @@
-"""Faults users meet at scale, injected for real: a rank failing at start-up or mid-training, a rank killed, a loss
-going NaN. The job ends in seconds with a non-zero code and the failing rank's message; no poison is kept."""
+"""Faults users meet at scale, injected for real: a rank failing at start-up or mid-training, a loss going NaN.
+The job ends in seconds with a non-zero code and the failing rank's message; no poison is kept."""
 import json
 import os
 import shutil
@@ -53,19 +53,6 @@ def wait_for_records(run_dir: Path, count: int, job: subprocess.Popen) -> None:
     pytest.fail(f"the run never logged {count} steps: {job.poll()=}")
 
 
-def rank_pid(config_file: Path, rank: int) -> int:
-    """The process of `rank` in the job that reads `config_file`."""
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().decode(errors="replace")
-            environment = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(config_file) in command and f"RANK={rank}".encode() in environment and "launch" not in command:
-            return int(proc.name)
-    raise AssertionError(f"no process of rank {rank} found")
-
-
 def test_a_rank_failing_at_start_up_ends_the_job_with_its_message(shards, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -90,16 +77,6 @@ def test_a_rank_raising_mid_training_ends_the_job(shards, tmp_path):
     code, output, seconds = wait_for_end(job, started)
     assert code != 0 and seconds < FAST, (code, seconds, output[-3000:])
     assert "seer [rank 0]: error:" in output and "checkpoints" in output
-
-
-def test_a_rank_killed_mid_training_ends_the_job(shards, tmp_path):
-    run = tmp_path / "run"
-    job, config_file = start_two_ranks(tiny_config(shards, run, "train.steps=1000", "train.checkpoint_every=1000"),
-                                       tmp_path)
-    wait_for_records(run, 1, job)
-    os.kill(rank_pid(config_file, 1), signal.SIGKILL)
-    code, output, seconds = wait_for_end(job, time.monotonic())
-    assert code != 0 and seconds < FAST, (code, seconds, output[-3000:])
 
 
 def test_nan_stops_before_the_step_and_never_becomes_a_checkpoint(shards, tmp_path):
