@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from engine.distributed import free_port, shutdown_and_exit
-from kernel_checks import assert_close, fp64_swav_loss, grad_tolerance, plain_swav_sinkhorn
+from kernel_checks import assert_close, fp64_swav_loss, grad_tolerance
 from kernels import swav_loss, swav_loss_reference
 from kernels.sinkhorn import sinkhorn_config
 from test_kernels_distributed import WORLD, Setup, local_embeddings
