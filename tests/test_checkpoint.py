@@ -247,6 +247,7 @@ def test_two_ranks_resume_on_one_rank(shards, tmp_path):
         messages = " | ".join(str(w.message) for w in caught)
         assert f"written by 2 rank(s) at ZeRO stage {stage}; resuming with 1 at stage {stage}" in messages
         assert "changed config: train.batch_size 8 -> 16" in messages
+        assert "global batch changes" not in messages  # 2 x 8 -> 1 x 16 images: the same lr
         try:
             assert trainer.step == WARM_STEPS and trainer.engine.global_steps == WARM_STEPS
             loaded = snapshot(trainer)

@@ -158,7 +158,7 @@ class Pretrainer(SwAVTraining):
             self.resumed_at = (self.step, state.get("images_seen", self.step * runtime.images_per_step))
             if "resharded_from" in state:  # another world size or ZeRO stage: the loader starts a new pass
                 self.loader.epoch = state["loader"]["epoch"]
-                self._warn_new_batch(state["resharded_from"]["world_size"])
+                self._warn_new_batch(state.get("images_per_step"))
                 if self.model.head.queue.shape[1]:
                     warnings.warn("the embedding queue starts empty: it was checkpointed at another world size",
                                   CheckpointWarning, stacklevel=2)
@@ -199,10 +199,11 @@ class Pretrainer(SwAVTraining):
         if step % self.cfg.train.checkpoint_every == 0 or step == self.cfg.train.steps:
             self.save_checkpoint()
 
-    def _warn_new_batch(self, saved_world_size: int) -> None:
-        """At another world size the global batch changes, and with it the lr (optim.lr is per 256 images)."""
-        saved, now = saved_world_size * self.cfg.train.batch_size, self.runtime.images_per_step
-        if saved != now and self.dist.is_main:
+    def _warn_new_batch(self, saved: int | None) -> None:
+        """At another world size the global batch may change, and with it the lr (optim.lr is per 256 images).
+        `saved`: the checkpoint's images per step (None in checkpoints written before it was recorded)."""
+        now = self.runtime.images_per_step
+        if saved is not None and saved != now and self.dist.is_main:
             old, new = (self.cfg.optim.lr * batch / 256 for batch in (saved, now))
             current = self.lr["weights"][min(self.step, len(self.lr["weights"]) - 1)]
             warnings.warn(f"the global batch changes from {saved} to {now} images per step ({self.dist.world_size} "
@@ -241,7 +242,8 @@ class Pretrainer(SwAVTraining):
                                      f"{self.step}: no checkpoint was written; `latest` still names the last finite one")
         self.checkpointer.save(self.engine, self.step,
                                {"loader": self.loader.state_dict(), "rng": torch.get_rng_state(),
-                                "images_seen": self.images_seen(self.step), **self.model.head.queue_state()},
+                                "images_seen": self.images_seen(self.step),
+                                "images_per_step": self.runtime.images_per_step, **self.model.head.queue_state()},
                                info={"config": self.cfg.to_dict()})
 
     def close(self) -> None:
