@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import kernels
 from benchmarks.harness import RESULTS_DIR, append_records, environment, percentiles, script_main
 from kernels import sinkhorn_reference, swav_loss_reference
+from kernels._triton import L2_BYTES
 
 SHAPES = {  # name: (n_crops, samples per crop, D, K)
     "seer": (6, 16, 256, 16000),
@@ -73,6 +74,7 @@ H200 = {
     "fp32_fma_flops": (67e12, "datasheet: fp32 FMA on CUDA cores"),
     "sfu_per_s": (4.18e12, "datasheet arithmetic: ex2/lg2 at 16 per SM per clock (CUDA guide, cc 9.0) x 132 SMs x "
                            "1.98 GHz (the SM clock seen under load)"),
+    "l2_bytes": (L2_BYTES, "datasheet: L2 cache of the GH100 as enabled on H100/H200"),
     "kernel_floor_s": (3e-6, "assumed: least GPU time of a kernel (launch, ramp, drain)"),
     "triton_launch_cpu_s": (12e-6, "assumed: host time of one Triton launch (argument binding, driver call)"),
     "torch_launch_cpu_s": (6e-6, "assumed: host time of one small torch op"),
@@ -99,8 +101,10 @@ def stages(op, mode, shape, dtype):
     tensor-core and FMA FLOPs, HBM bytes, exp/log evaluations. Block sizes come from the launchers' own config.
 
     HBM bytes count each kernel's reads and writes once; re-reads that stay in L2 (P and E tiles shared by the
-    programs of one wave, the Sinkhorn row partials merged by every column program: ~0.3-0.5 MB per problem) are
-    not counted.
+    programs of one wave, the Sinkhorn potentials read by every program) are not counted. Sinkhorn sweeps the scores
+    twice per iteration (column then row statistics): HBM sees them once in all where they fit in half the L2, once
+    per iteration where a program's column strip stays in L2 between its two sweeps (kernels.sinkhorn's config),
+    twice otherwise.
     """
     import triton
 
@@ -122,20 +126,24 @@ def stages(op, mode, shape, dtype):
                     fma_flops=fma_flops, bytes=hbm, sfu=sfu)
 
     def sinkhorn_passes(problems):
-        nkb_s = sinkhorn_config(b, k)["nkb"]
+        sk = sinkhorn_config(b, k, problems)
         per_pass = problems * b * k
-        merge = problems * b * nkb_s ** 2  # every column program merges its rows' partials of all column blocks
-        return stage("sinkhorn passes", triton_launches=it, hbm=it * (per_pass + problems * (2 * b * nkb_s + k)) * 4,
-                     sfu=it * 2 * per_pass + (it - 1) * merge)
+        if per_pass * 4 <= H200["l2_bytes"][0] / 2:  # all scores stay in L2: HBM sees them once
+            sweeps = 1
+        else:  # a column-block strip stays in L2 between its two sweeps, or every sweep reaches HBM
+            sweeps = it * (1 if sk["strips_in_l2"] else 2)
+        partials = problems * b * sk["nkb"] * 2  # the row partials, written by the row pass, read by the row merge
+        return stage("sinkhorn passes", triton_launches=it * (2 if sk["chunks"] == 1 else 3),
+                     hbm=(sweeps * per_pass + it * (2 * partials + problems * (2 * b + k))) * 4,
+                     sfu=it * (2 * per_pass + partials // 2))
 
     scores = [stage("scores", triton_launches=1, tc_flops=tc, fma_flops=fma,
                     hbm=n * d * es + k * d * ps + n * k * 4 + 3 * n * nkb * 4, sfu=n * k + n * nkb),
               stage("log-sum-exp of the partials", torch_launches=1, hbm=n * nkb * 4, sfu=n * nkb)]
     lc = cfg["loss"]
     loss_programs = triton.cdiv(b, lc["BLOCK_B"]) * triton.cdiv(k, lc["BLOCK_K"])
-    merges = loss_programs * 2 * na * lc["BLOCK_B"] * sinkhorn_config(b, k)["nkb"]
     # Every benchmark's loss writes G (the head's forward runs on inputs that require grad).
-    loss = [stage("loss and G", triton_launches=1, hbm=n * k * (4 + gs), sfu=(2 * na + n_crops) * b * k + merges),
+    loss = [stage("loss and G", triton_launches=1, hbm=n * k * (4 + gs), sfu=(2 * na + n_crops) * b * k),
             stage("sum of loss partials", torch_launches=1, hbm=loss_programs * 4)]
     split, _ = grad_embeddings_split(n, k, d, cfg["grad_embeddings"], gs, torch.device("meta"))
     backward = [stage("autograd seed", torch_launches=1),
@@ -151,7 +159,7 @@ def stages(op, mode, shape, dtype):
         return scores
     if op == "sinkhorn":
         return [stage("row0 index", torch_launches=1), sinkhorn_passes(1),
-                stage("codes", triton_launches=1, hbm=2 * b * k * 4, sfu=b * k + b * sinkhorn_config(b, k)["nkb"])]
+                stage("codes", triton_launches=1, hbm=2 * b * k * 4, sfu=b * k)]
     if op == "loss":  # the benchmark computes the log-sum-exps of the given scores inside the timed region
         return [stage("log-sum-exp of S/T", torch_launches=1, hbm=n * k * 4, sfu=n * k)] + loss
     raise ValueError(op)
@@ -355,7 +363,7 @@ def _setup(op, mode, provider, shape, dtype, device):
             na, n = len(SETTINGS["crops_for_assign"]), n_crops * b
             cfg = head.head_config(n, k, d, b, embeddings.dtype, prototypes.dtype)
             table = head._crop_table(device, n_crops, b, SETTINGS["crops_for_assign"])
-            log_u, rpart, sk = head.sinkhorn_potentials(scores, table[:na], b, epsilon=SETTINGS["epsilon"],
+            log_u, rstat, _ = head.sinkhorn_potentials(scores, table[:na], b, epsilon=SETTINGS["epsilon"],
                                                         iterations=SETTINGS["sinkhorn_iterations"], group=None)
             lc = cfg["loss"]
             grid = (triton.cdiv(b, lc["BLOCK_B"]), triton.cdiv(k, lc["BLOCK_K"]))
@@ -365,9 +373,9 @@ def _setup(op, mode, provider, shape, dtype, device):
             def run():  # writes G to its own buffer, so that every call sees the same scores
                 lse = torch.logsumexp(scores / SETTINGS["temperature"], dim=1)
                 head._swav_loss_kernel[grid](
-                    grad, grad.stride(0), part, scores, scores.stride(0), lse, log_u, rpart, table, b, k, sk["nkb"],
+                    grad, grad.stride(0), part, scores, scores.stride(0), lse, log_u, rstat, table, b, k, b,
                     n_crops, na, 1.0 / SETTINGS["epsilon"], 1.0 / SETTINGS["temperature"],
-                    head.loss_weight(b, n_crops, na), BLOCK_B=lc["BLOCK_B"], BLOCK_K=lc["BLOCK_K"], MERGE=sk["MERGE"],
+                    head.loss_weight(b, n_crops, na), BLOCK_B=lc["BLOCK_B"], BLOCK_K=lc["BLOCK_K"],
                     WRITE_GRAD=True, DOT=cfg["dot"], num_warps=lc["num_warps"])
                 return part.sum()
             return run, []

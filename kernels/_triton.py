@@ -26,6 +26,9 @@ MAX_TILE = 4096
 # Streaming multiprocessors of an H100/H200: the launchers size split reductions to fill about one wave of them.
 SM_COUNT = 132
 
+# L2 cache of an H100/H200 (GH100 as enabled, datasheet): what Sinkhorn's column blocks are sized to stay in.
+L2_BYTES = 50 * 10**6
+
 
 def pow2(n: int, lo: int, hi: int) -> int:
     """The next power of two >= n, clamped to [lo, hi] (lo and hi powers of two)."""

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ._backend import resolve_backend
 from ._triton import MAX_TILE, NEG, dot, dot_inputs, dot_operand, num_warps, pow2, sm_count
-from .sinkhorn import _row_stats, sinkhorn_potentials, sinkhorn_reference
+from .sinkhorn import row_normalizer, sinkhorn_potentials, sinkhorn_reference
 
 
 def _check_args(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iterations, queue):
@@ -184,9 +184,9 @@ def swav_loss(
 #                         ((n_assign·L) × K fp32, freed after the forward); slot i's L rows join assigned crop i's
 #                         Sinkhorn problem as extra rows (no N × K concatenation).
 #   sinkhorn_potentials   Sinkhorn of every assigned crop's rows of S (and of S_queue) at once (kernels/sinkhorn.py):
-#                         one pass per iteration, codes never materialized.
+#                         one or two sweeps over the scores per iteration, codes never materialized.
 #   _swav_loss_kernel     per tile of B samples × K columns: codes q_a of the assigned crops from S, log u and
-#                         the merged row statistics (kernels/sinkhorn.py); then for every crop v the cross-entropy
+#                         the rows' log-normalizers (kernels/sinkhorn.py); then for every crop v the cross-entropy
 #                         against Σ_{a≠v} q_a and its gradient
 #                         dL/dS_v = w·G_v,  G_v = (n_v·softmax(S_v/T) − Σ_{a≠v} q_a)/T,
 #                         n_v = number of assigned crops other than v (each q_a row sums to 1),
@@ -259,11 +259,11 @@ def _swav_scores_kernel(
 
 
 @triton.jit
-def _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rpart_ptr, slot, B, K, NKB, inv_eps,
-                BLOCK_B: tl.constexpr, MERGE: tl.constexpr):
-    """Sinkhorn codes of assigned crop number `slot` on a tile of its scores s: softmax_k(S/eps + log u)."""
+def _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rstat_ptr, slot, K, R, inv_eps):
+    """Sinkhorn codes of assigned crop number `slot` on a tile of its scores s: softmax_k(S/eps + log u), through
+    the row normalizers of Sinkhorn's last iteration (R rows per problem)."""
     log_u = tl.load(log_u_ptr + slot * K + cols, mask=col_mask, other=0.0)
-    row_max, row_sum = _row_stats(rpart_ptr + slot * 2 * B * NKB, rows, row_mask, B, NKB, BLOCK_B, MERGE)
+    row_max, row_sum = row_normalizer(rstat_ptr + slot * 2 * R, rows, row_mask, R)
     y = tl.where(mask, s * inv_eps + log_u[None, :] - row_max[:, None], NEG)
     return tl.exp(y) / row_sum[:, None]
 
@@ -271,13 +271,14 @@ def _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rpart_ptr, s
 @triton.jit
 def _swav_loss_kernel(
     grad_ptr, stride_gn, loss_part_ptr,  # outputs (grad_ptr may be s_ptr: each program overwrites only tiles it read)
-    s_ptr, stride_sn, lse_ptr, log_u_ptr, rpart_ptr, table_ptr,  # inputs
-    B, K, NKB, n_crops, n_assign, inv_eps, inv_temp, weight,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, MERGE: tl.constexpr, WRITE_GRAD: tl.constexpr, DOT: tl.constexpr,
+    s_ptr, stride_sn, lse_ptr, log_u_ptr, rstat_ptr, table_ptr,  # inputs
+    B, K, R, n_crops, n_assign, inv_eps, inv_temp, weight,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_GRAD: tl.constexpr, DOT: tl.constexpr,
 ):
     """Swapped cross-entropy (and dL/dS) on samples block program_id(0) × prototype block program_id(1), all crops.
 
     table: int32 [first row of each assigned crop (n_assign) | assigned slot of each crop, -1 if none (n_crops)].
+    lse: log Σ_k exp(S/T) per row of S; log_u, rstat: Sinkhorn's potentials (sinkhorn_potentials, R rows each).
     """
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -291,8 +292,7 @@ def _swav_loss_kernel(
     for a in range(0, n_assign):
         r64 = (tl.load(table_ptr + a) + rows).to(tl.int64)
         s = tl.load(s_ptr + r64[:, None] * stride_sn + cols[None, :], mask=mask, other=0.0)
-        q_sum += _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rpart_ptr, a, B, K, NKB, inv_eps,
-                             BLOCK_B, MERGE)
+        q_sum += _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rstat_ptr, a, K, R, inv_eps)
     # Every crop v predicts the codes of the assigned crops other than itself.
     loss_rows = tl.zeros([BLOCK_B], dtype=tl.float32)
     for v in range(0, n_crops):
@@ -304,8 +304,8 @@ def _swav_loss_kernel(
         target = q_sum
         n_target = n_assign
         if slot >= 0:  # v is assigned itself: it does not predict its own codes
-            target = q_sum - _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rpart_ptr, slot, B, K,
-                                         NKB, inv_eps, BLOCK_B, MERGE)
+            target = q_sum - _codes_tile(s, mask, rows, row_mask, cols, col_mask, log_u_ptr, rstat_ptr, slot, K, R,
+                                         inv_eps)
             n_target = n_assign - 1
         loss_rows += tl.sum(tl.where(mask, -target * log_p, 0.0), axis=1)
         if WRITE_GRAD:  # G_v (see above): dL/dS_v / w, rounded as the backward's matmuls take it
@@ -510,7 +510,7 @@ def swav_loss_forward(embeddings, prototypes, *, n_crops, crops_for_assign, temp
 
     table = _crop_table(dev, n_crops, b, crops_for_assign)
     queue_scores = None if queue is None else _queue_scores(queue, prototypes, b, cfg["dot"])
-    log_u, rpart, sk = sinkhorn_potentials(scores, table[:n_assign], b, epsilon=epsilon, iterations=iterations,
+    log_u, rstat, _ = sinkhorn_potentials(scores, table[:n_assign], b, epsilon=epsilon, iterations=iterations,
                                            group=group, extra_rows=queue_scores)
 
     lc = cfg["loss"]
@@ -520,9 +520,9 @@ def swav_loss_forward(embeddings, prototypes, *, n_crops, crops_for_assign, temp
     if need_grad and cfg["grad_dtype"] != torch.float32:
         grad = torch.empty(n, k, device=dev, dtype=cfg["grad_dtype"])
     _swav_loss_kernel[grid](
-        grad, grad.stride(0), loss_part, scores, scores.stride(0), lse, log_u, rpart, table,
-        b, k, sk["nkb"], n_crops, n_assign, 1.0 / epsilon, 1.0 / temperature, loss_weight(b, n_crops, n_assign),
-        BLOCK_B=lc["BLOCK_B"], BLOCK_K=lc["BLOCK_K"], MERGE=sk["MERGE"], WRITE_GRAD=need_grad, DOT=cfg["dot"],
+        grad, grad.stride(0), loss_part, scores, scores.stride(0), lse, log_u, rstat, table,
+        b, k, rstat.shape[2], n_crops, n_assign, 1.0 / epsilon, 1.0 / temperature, loss_weight(b, n_crops, n_assign),
+        BLOCK_B=lc["BLOCK_B"], BLOCK_K=lc["BLOCK_K"], WRITE_GRAD=need_grad, DOT=cfg["dot"],
         num_warps=lc["num_warps"],
     )
     loss = loss_part.sum()

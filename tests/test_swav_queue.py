@@ -10,6 +10,7 @@ Shapes are small (K = 100: 4 Sinkhorn column blocks of 32, the last one partial)
 """
 
 import datetime
+import importlib
 import os
 
 import pytest
@@ -85,6 +86,21 @@ def test_matches_fp64_with_appended_queue(backend, dtype, n_crops, crops_for_ass
     without = fp64_swav_loss(embeddings.detach(), prototypes.detach(), n_crops, crops_for_assign, 0.1, epsilon,
                              iterations)
     assert abs(without.item() - want[0].item()) > 1e-4 * want[0].item()
+
+
+def test_queue_rows_split_over_programs(monkeypatch):
+    """Sinkhorn's rows split over programs (as on a GPU where the column blocks alone leave SMs idle), one chunk
+    holding the batch's rows and the queue's first rows, the next the rest of the queue."""
+    sk = importlib.import_module("kernels.sinkhorn")
+    monkeypatch.setattr(sk, "MIN_CHUNK", 32)
+    b, length = 20, 50
+    cfg = sinkhorn_config(b + length, K)
+    assert cfg["chunks"] == 2 and b < cfg["chunk"] < b + length, cfg
+    kwargs = dict(n_crops=3, crops_for_assign=(0, 1), temperature=0.1, epsilon=0.05, sinkhorn_iterations=3)
+    embeddings, prototypes, queue = make_inputs(3, b, length, 2, seed=13)
+    got = loss_and_grads(embeddings, prototypes, queue, "triton", **kwargs)
+    want = fp64_loss_and_grads(embeddings, prototypes, queue, **kwargs)
+    assert_matches(got, want, torch.float32, "with Sinkhorn's rows in two chunks")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

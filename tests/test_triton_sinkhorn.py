@@ -65,16 +65,40 @@ def test_finite_where_plain_sinkhorn_breaks(dtype):
                  name="codes vs reference")
 
 
-def test_looped_paths(monkeypatch):
-    """Several row chunks per program and several merge chunks per row (small caps force both)."""
+@pytest.mark.parametrize("min_chunk", [10_000, 16], ids=["one-chunk", "row-chunks"])
+def test_looped_paths(monkeypatch, min_chunk):
+    """Several row blocks per program and several merge steps per row (small caps force both); with min_chunk = 16
+    the rows are split over programs as on a GPU with more SMs than column blocks (column and row passes apart)."""
     monkeypatch.setattr(sk, "MAX_TILE", 512)
     monkeypatch.setattr(sk, "MAX_MERGE", 4)
+    monkeypatch.setattr(sk, "MIN_CHUNK", min_chunk)
     b = 40
     cfg = sk.sinkhorn_config(b, K)
-    assert b > cfg["BLOCK_B"] and cfg["nkb"] > cfg["MERGE"], cfg  # the loops really run more than once
+    assert cfg["chunk"] > cfg["BLOCK_B"] and cfg["nkb"] > cfg["MERGE"], cfg  # the loops really run more than once
+    assert cfg["chunks"] == (1 if min_chunk > b else 2), cfg
     scores = unit_scores(b, K, seed=4)
     codes = sinkhorn(scores, epsilon=0.03, iterations=3, backend="triton")
     assert_close(codes, sinkhorn(scores, epsilon=0.03, iterations=3, backend="torch"), atol=ATOL_REF, rtol=0,
+                 name="codes vs reference")
+
+
+def test_grid_grows_with_rows_and_columns():
+    """Column blocks narrow enough for two programs' strips per SM to stay in L2 (then one pass per iteration), as
+    many as K needs (K = 65,536: 2,048 blocks); row chunks only where the column blocks alone leave SMs idle."""
+    seer = sk.sinkhorn_config(16 + 512, 16_000, problems=2)  # SEER's 16 samples per crop and a queue of 512
+    assert seer["BLOCK_K"] == 32 and seer["nkb"] == 500 and seer["chunks"] == 1 and seer["strips_in_l2"], seer
+    small = sk.sinkhorn_config(16, 16_000, problems=2)
+    assert small["BLOCK_K"] == 256 and small["chunks"] == 1, small
+    wide = sk.sinkhorn_config(512, 65_536, problems=2)
+    assert wide["nkb"] == 2048 and wide["strips_in_l2"], wide
+    queue = sk.sinkhorn_config(32 + 1024, 300, problems=2)  # a small batch with a queue, few prototypes
+    assert queue["nkb"] == 10 and queue["chunks"] > 1 and queue["chunk"] * queue["chunks"] >= 1056, queue
+
+
+def test_k_65536():
+    scores = unit_scores(3, 65_536, seed=6)
+    codes = sinkhorn(scores, epsilon=0.05, iterations=2, backend="triton")
+    assert_close(codes, sinkhorn(scores, epsilon=0.05, iterations=2, backend="torch"), atol=ATOL_REF, rtol=0,
                  name="codes vs reference")
 
 
