@@ -1,8 +1,9 @@
 """kernels under data parallelism: 2 gloo ranks, each with part of a batch, against one process on all of it, for
 both backends: "torch" (the reference) and "triton".
 
-With `group`, the Triton Sinkhorn kernels stop after the prototype sums of each iteration, the launcher all-reduces
-the two K-vectors (column maxima, then max-shifted sums), and a second pass finishes the iteration.
+With `group`, the Triton Sinkhorn kernels stop after the prototype sums of each iteration, the launcher merges the
+row chunks' statistics and all-reduces the two K-vectors (column maxima, then max-shifted sums), and a second pass
+finishes the iteration.
 
 One spawn runs every case of both backends (starting ranks costs seconds; the ranks run the Triton kernels in
 Triton's interpreter: TRITON_INTERPRET=1 is inherited from conftest); the ranks save their results and the tests
@@ -52,6 +53,7 @@ SETUPS = {  # backend: its cases (each backend draws its inputs from its own gen
         sinkhorn_cases={
             "uneven-eps0.01": ((5, 9), 0.01, 3, torch.float32),
             "seer-bf16": ((7, 7), 0.03, 10, torch.bfloat16),
+            "rows-split": ((256, 300), 0.05, 3, torch.float32),  # each rank's rows in 2 or 3 chunks of programs
         },
         K=100,  # 4 Sinkhorn column blocks of 32 (the last one partial); K is small to keep 2 interpreters fast
         D=24,
