@@ -86,12 +86,29 @@ def local_embeddings(embeddings, rank, setup):
     return embeddings.view(n_crops, setup.loss_b, setup.D)[:, rank * half:(rank + 1) * half].reshape(-1, setup.D)
 
 
-def _worker(rank, port, inputs_path, out_dir):
+def start_gloo_rank(rank, port):
+    """Join the WORLD-rank gloo group of a test worker (one thread per rank)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     # A short timeout: if one rank fails, the other gives up instead of waiting 30 minutes (120 s, not 60: the
     # ranks also run the Triton cases in Triton's interpreter).
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+
+
+def data_parallel_loss(inputs, rank, setup, backend, queue=None):
+    """This rank's swav_loss over its half of the batch, and its share of the data-parallel gradients."""
+    embeddings = local_embeddings(inputs["embeddings"], rank, setup).requires_grad_()
+    prototypes = inputs["prototypes"].clone().requires_grad_()
+    loss = swav_loss(embeddings, prototypes, queue=queue, group=dist.group.WORLD, backend=backend, **setup.loss)
+    loss.backward()
+    # Data-parallel training averages parameter gradients over ranks; this rank's embeddings reach the shared
+    # parameters only through this rank, so their share of the averaged gradient is grad / WORLD.
+    dist.all_reduce(prototypes.grad)
+    return dict(loss=loss.detach(), embeddings_grad=embeddings.grad / WORLD, prototypes_grad=prototypes.grad / WORLD)
+
+
+def _worker(rank, port, inputs_path, out_dir):
+    start_gloo_rank(rank, port)
     all_inputs = torch.load(inputs_path)
     results = {}
     for backend, setup in SETUPS.items():
@@ -100,16 +117,7 @@ def _worker(rank, port, inputs_path, out_dir):
             scores = inputs[name][rank_slice(rank, sizes)]
             results[backend][name] = sinkhorn(scores, epsilon=epsilon, iterations=iterations, group=dist.group.WORLD,
                                               backend=backend)
-        embeddings = local_embeddings(inputs["embeddings"], rank, setup).requires_grad_()
-        prototypes = inputs["prototypes"].clone().requires_grad_()
-        loss = swav_loss(embeddings, prototypes, group=dist.group.WORLD, backend=backend, **setup.loss)
-        loss.backward()
-        # Data-parallel training averages parameter gradients over ranks; this rank's embeddings reach the
-        # shared parameters only through this rank, so their share of the averaged gradient is grad / WORLD.
-        dist.all_reduce(prototypes.grad)
-        results[backend].update(
-            loss=loss.detach(), embeddings_grad=embeddings.grad / WORLD, prototypes_grad=prototypes.grad / WORLD
-        )
+        results[backend].update(data_parallel_loss(inputs, rank, setup, backend))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     shutdown_and_exit(0)  # not the interpreter's shutdown, which races with gloo's threads
 

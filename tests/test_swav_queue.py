@@ -9,21 +9,19 @@ plain Sinkhorn, and with 2 gloo ranks against one process on the concatenation o
 Shapes are small (K = 100: 4 Sinkhorn column blocks of 32, the last one partial), the interpreter being slow.
 """
 
-import datetime
 import importlib
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from engine.distributed import free_port, shutdown_and_exit
 from kernel_checks import assert_close, fp64_swav_loss, grad_tolerance
 from kernels import swav_loss, swav_loss_reference
 from kernels.sinkhorn import sinkhorn_config
-from test_kernels_distributed import WORLD, Setup, local_embeddings
+from test_kernels_distributed import WORLD, Setup, data_parallel_loss, local_embeddings, start_gloo_rank
+from tiny_run import spawn_ranks
 
 BACKENDS = ("torch", "triton")
 D, K = 24, 100
@@ -189,24 +187,12 @@ DISTRIBUTED = {  # case: (backend, shapes and loss arguments, queue length per r
 
 
 def _worker(rank, port, inputs_path, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    # Short: if one rank fails, the other gives up instead of waiting 30 minutes.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    start_gloo_rank(rank, port)
     all_inputs = torch.load(inputs_path)
     results = {}
     for case, (backend, setup, length, _) in DISTRIBUTED.items():
-        inputs = all_inputs[case]
-        embeddings = local_embeddings(inputs["embeddings"], rank, setup).requires_grad_()
-        prototypes = inputs["prototypes"].clone().requires_grad_()
-        queue = inputs["queue"][:, rank * length:(rank + 1) * length]
-        loss = swav_loss(embeddings, prototypes, queue=queue, group=dist.group.WORLD, backend=backend, **setup.loss)
-        loss.backward()
-        # Data-parallel training averages parameter gradients over ranks; this rank's embeddings reach the shared
-        # parameters only through this rank, so their share of the averaged gradient is grad / WORLD.
-        dist.all_reduce(prototypes.grad)
-        results[case] = dict(loss=loss.detach(), embeddings_grad=embeddings.grad / WORLD,
-                             prototypes_grad=prototypes.grad / WORLD)
+        queue = all_inputs[case]["queue"][:, rank * length:(rank + 1) * length]
+        results[case] = data_parallel_loss(all_inputs[case], rank, setup, backend, queue)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     shutdown_and_exit(0)  # not the interpreter's shutdown, which races with gloo's threads
 
@@ -221,7 +207,7 @@ def ranks(tmp_path_factory):
                                                     len(setup.loss["crops_for_assign"]), seed=seed)
         inputs[case] = dict(embeddings=embeddings.detach().to(dtype), prototypes=prototypes.detach(), queue=queue)
     torch.save(inputs, out_dir / "inputs.pt")
-    mp.spawn(_worker, args=(free_port(), str(out_dir / "inputs.pt"), str(out_dir)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (free_port(), str(out_dir / "inputs.pt"), str(out_dir)), WORLD)
     results = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
     return {case: (inputs[case], [r[case] for r in results]) for case in DISTRIBUTED}
 
