@@ -144,6 +144,11 @@ class FinetuneConfig:
     progress: bool = True  # progress bar on rank 0
 
 
+
+def prototype_heads(num_prototypes: int | list[int]) -> list[int]:
+    """K of every prototype head from model.num_prototypes (one K, or a list of them)."""
+    return [num_prototypes] if isinstance(num_prototypes, int) else list(num_prototypes)
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -162,8 +167,7 @@ class Config:
     @property
     def prototype_heads(self) -> list[int]:
         """K of every prototype head."""
-        k = self.model.num_prototypes
-        return [k] if isinstance(k, int) else list(k)
+        return prototype_heads(self.model.num_prototypes)
 
     def to_dict(self) -> dict:
         """Plain lists and scalars (tuples become lists), ready for YAML or JSON."""

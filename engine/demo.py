@@ -67,7 +67,7 @@ def run_demo(overrides: list[str] = ()) -> dict:
         **accuracy,
         "final_loss": losses[-1],
         "first_loss": losses[0],
-        "ln_k": uniform_loss(cfg.model.num_prototypes),
+        "ln_k": uniform_loss(cfg.prototype_heads),
         "wall_seconds": wall_seconds,
         "pretrain_seconds": pretrain_seconds,
         "pack_seconds": pack_seconds,
@@ -77,7 +77,7 @@ def run_demo(overrides: list[str] = ()) -> dict:
         "config": str(out / "config.yaml"),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_loss(records, run_dir / "loss_curve.png", cfg.model.num_prototypes)
+    plot_loss(records, run_dir / "loss_curve.png", cfg.prototype_heads)
     print_summary(results, run_dir)
     return results
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from engine.config import prototype_heads
 from engine.training.metrics import plot_loss, plot_series, run_records, uniform_loss
 
 
@@ -24,8 +25,8 @@ def write_report(run_dir: str | Path) -> Path:
     if not records:
         raise ValueError(f"{metrics_path} holds no training records yet (one is written every train.log_every steps)")
     config = yaml.safe_load(config_path.read_text())
-    heads = config["model"]["num_prototypes"]
-    k = heads if isinstance(heads, int) else heads[0]  # usage fields without a _head suffix are the one head's
+    heads = prototype_heads(config["model"]["num_prototypes"])
+    k = heads[0]  # usage fields without a _head suffix are the one head's
     steps = [r["step"] for r in records]
 
     def series(key: str) -> tuple[list[int], list[float]]:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.config import prototype_heads
 from engine.models.activation_checkpointing import enable_activation_checkpointing
 from engine.models.backbone import build_backbone, is_partitioned
 from engine.models.batchnorm import sync_batch_norm
@@ -61,7 +62,7 @@ class SwAVHead(nn.Module):
             in_dim = width
         layers.append(nn.Linear(in_dim, embedding_dim))
         self.projection = nn.Sequential(*layers)
-        self.heads = [num_prototypes] if isinstance(num_prototypes, int) else list(num_prototypes)
+        self.heads = prototype_heads(num_prototypes)
         # Unit-norm rows, kept in fp32 whatever the compute dtype; normalize_prototypes() after every optimizer step.
         self.prototypes = nn.ParameterList(
             nn.Parameter(F.normalize(torch.randn(k, embedding_dim), dim=1)) for k in self.heads)

@@ -73,20 +73,20 @@ def _save(fig, png_path: str | Path) -> Path:
     return png_path
 
 
-def uniform_loss(num_prototypes: int | list[int]) -> float:
-    """The SwAV loss of uniform predictions, where a collapsed run sits: ln K (the mean over prototype heads)."""
-    heads = [num_prototypes] if isinstance(num_prototypes, int) else num_prototypes
+def uniform_loss(heads: list[int]) -> float:
+    """The SwAV loss of uniform predictions, where a collapsed run sits: ln K (the mean over prototype heads, K of
+    each in `heads`)."""
     return sum(math.log(k) for k in heads) / len(heads)
 
 
-def plot_loss(records: list[dict], png_path: str | Path, num_prototypes: int | list[int] | None = None) -> Path:
+def plot_loss(records: list[dict], png_path: str | Path, heads: list[int] | None = None) -> Path:
     """Loss (and lr) of a run's records (run_records) against step, with ln(K) — the loss of uniform predictions,
     i.e. collapse — marked."""
     steps = [r["step"] for r in records]
     fig, ax = _pyplot().subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], label="SwAV loss")
-    if num_prototypes:
-        ln_k = uniform_loss(num_prototypes)
+    if heads:
+        ln_k = uniform_loss(heads)
         ax.axhline(ln_k, color="gray", linestyle="--", label=f"ln K = {ln_k:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
