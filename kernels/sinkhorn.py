@@ -191,8 +191,8 @@ def _sinkhorn_pass_kernel(
     if COL_STEP:
         m = tl.full([BLOCK_K], NEG, tl.float32)
         s = tl.zeros([BLOCK_K], tl.float32)
-        m, s = _fold_column_stats(m, s, x_ptr, stride_xb, stride_xk, rstat_ptr, R, own_lo, own_hi, cols, col_mask, inv_eps,
-                                  FIRST, BLOCK_B)
+        m, s = _fold_column_stats(m, s, x_ptr, stride_xb, stride_xk, rstat_ptr, R, own_lo, own_hi, cols, col_mask,
+                                  inv_eps, FIRST, BLOCK_B)
         m, s = _fold_column_stats(m, s, extra_ptr, stride_eb, stride_ek, rstat_ptr + B, R, extra_lo, extra_hi,
                                   cols, col_mask, inv_eps, FIRST, BLOCK_B)
         if ROW_STEP:
@@ -220,8 +220,8 @@ def _sinkhorn_pass_kernel(
 
 @triton.jit
 def _sinkhorn_row_merge_kernel(rstat_ptr, rpart_ptr, R, NKB, BLOCK_R: tl.constexpr, MERGE: tl.constexpr):
-    """rstat[b] = (max_k y[b, k], Σ_k exp(y[b, k] - max)) of rows block program_id(0) of problem program_id(1), merged from the NKB column
-    blocks' partials ([P, 2, R, NKB]: maxima, then max-relative sums), MERGE at a time."""
+    """rstat[b] = (max_k y[b, k], Σ_k exp(y[b, k] - max)) of rows block program_id(0) of problem program_id(1), merged
+    from the NKB column blocks' partials ([P, 2, R, NKB]: maxima, then max-relative sums), MERGE at a time."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     problem = tl.program_id(1).to(tl.int64)
     row_mask = rows < R

@@ -200,9 +200,10 @@ def swav_loss(
 #                            in the matmul's input type for the next kernel.
 #   _grad_prototypes_kernel  dP = w·g·Gᵀ @ Z, BLOCK_K prototypes per program.
 # HBM passes over N × K per training step (bytes per element): forward S written (4), Sinkhorn reads the assigned
-# rows once per iteration, the loss reads S (4) and writes G (2 for bf16, 4 over S for fp32); backward reads G
-# twice (2 + 2, or 4 + 4). Before this backward (torch.mm over fp32 dL/dS, read twice, plus the dZ and Z·g
-# buffers): 4 + 4 + 4 + 4 + 4 for every dtype, the matmuls in fp32.
+# rows once per iteration (twice where its column strips cannot stay in L2: kernels/sinkhorn.py), the loss reads
+# S (4) and writes G (2 for bf16, 4 over S for fp32); backward reads G twice (2 + 2, or 4 + 4). Before this backward
+# (torch.mm over fp32 dL/dS, read twice, plus the dZ and Z·g buffers): 4 + 4 + 4 + 4 + 4 for every dtype, the
+# matmuls in fp32.
 
 
 @triton.jit

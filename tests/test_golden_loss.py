@@ -19,6 +19,10 @@ from engine.training.pretrain import pretrain
 from tiny_run import demo_config, metrics_records, run_overrides
 
 GOLDEN_LOSSES = [6.074782371520996, 6.072675704956055, 6.079830169677734, 6.082398891448975, 6.051525115966797]
+# Per step: the rounding of one x86 CPU against another grows from step to step. Another AVX-512 EPYC of this
+# workplace, same torch and thread count, gave steps 1-3 bit-equal and moved step 4 by 1.5e-5 and step 5 by 3.0e-4
+# (relative); the recipe changes above move the steps by more.
+RELATIVE_TOLERANCES = [1e-5, 1e-5, 1e-5, 1e-4, 1e-3]
 SHRUNK = ("train.batch_size=32", "train.steps=5", "train.log_every=1", "train.progress=false",
           # NCHW: channels_last convolution backward on CPU rounds differently enough that one thread more moves
           # step 3 by 2e-4 (NCHW: 2e-7); this is a memory layout, not part of the recipe.
@@ -42,5 +46,5 @@ def test_demo_recipe_gives_the_golden_losses(shards, tmp_path):
     losses = [record["loss"] for record in metrics_records(tmp_path / "run")]
     if os.environ.get("SEER_GOLDEN_UPDATE"):
         pytest.fail(f"SEER_GOLDEN_UPDATE is set; the values for {__file__}:\nGOLDEN_LOSSES = {losses}")
-    assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-5, abs=0), (
+    assert losses == [pytest.approx(want, rel=rel, abs=0) for want, rel in zip(GOLDEN_LOSSES, RELATIVE_TOLERANCES)], (
         "the demo recipe's first losses changed; if that is meant, regenerate them (see this file's docstring)")
