@@ -93,7 +93,7 @@ def test_bad_values_give_one_clear_error(overrides, message):
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="config file not found: nope .packaged configs, by name: demo, seer_"):
+    with pytest.raises(ConfigError, match="config file not found: nope .packaged configs, by name: demo, demo_small_batch, seer_"):
         load_config("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
