@@ -2,10 +2,10 @@
 # The GPU verdict of this project in one run of at most 8 minutes, cold caches included, for a session lent a GPU
 # (an H200 here). Most important first: the Triton SwAV head in the training dtype (bf16 embeddings x fp32
 # prototypes) at the large and SEER shapes, correctness asserted against fp64 before anything is timed; then K =
-# 65,536; then the kernels' other launch paths (tests/test_kernels_gpu.py); then fp32; then each kernel alone; then torch.compile; then, only if DeepSpeed imports, RegNet training
-# steps. Each case runs under its own time limit, catches its own failure, and ends its part of the log with one
-# line "PASS|FAIL case (seconds)"; the summary of every case and the head/full comparison with the targets close
-# the log.
+# 65,536; then the kernels' other launch paths (tests/test_kernels_gpu.py); then fp32; then each kernel alone; then
+# torch.compile; then, only if DeepSpeed imports, RegNet training steps. Each case runs under its own time limit,
+# catches its own failure, and ends its part of the log with one line "PASS|FAIL case (seconds)"; the summary of
+# every case and the head/full comparison with the targets close the log.
 #
 #   bash ../shared/tools/device-wheels.sh .whl     # here, once, optional: DeepSpeed wheels (the GPU image lacks
 #                                                  # DeepSpeed; ~5 MB; `/.whl/` in .git/info/exclude)

@@ -364,7 +364,7 @@ def _setup(op, mode, provider, shape, dtype, device):
             cfg = head.head_config(n, k, d, b, embeddings.dtype, prototypes.dtype)
             table = head._crop_table(device, n_crops, b, SETTINGS["crops_for_assign"])
             log_u, rstat, _ = head.sinkhorn_potentials(scores, table[:na], b, epsilon=SETTINGS["epsilon"],
-                                                        iterations=SETTINGS["sinkhorn_iterations"], group=None)
+                                                       iterations=SETTINGS["sinkhorn_iterations"], group=None)
             lc = cfg["loss"]
             grid = (triton.cdiv(b, lc["BLOCK_B"]), triton.cdiv(k, lc["BLOCK_K"]))
             grad = torch.empty(n, k, device=device, dtype=cfg["grad_dtype"])

@@ -144,10 +144,10 @@ class FinetuneConfig:
     progress: bool = True  # progress bar on rank 0
 
 
-
 def prototype_heads(num_prototypes: int | list[int]) -> list[int]:
     """K of every prototype head from model.num_prototypes (one K, or a list of them)."""
     return [num_prototypes] if isinstance(num_prototypes, int) else list(num_prototypes)
+
 
 @dataclass
 class Config:

@@ -100,8 +100,8 @@ def sinkhorn(
 # twice, the second time from L1/L2 where the strips of one wave fit. With a process group the column statistics are
 # all-reduced between the two passes (MAX, then SUM of the rescaled sums, as the reference does).
 # Codes = exp(y - max) / Σ (the reference's softmax: max-relative, so rows sum to 1 even where |y| is large and its
-# fp32 ulp coarse)
-# are written by one last elementwise pass; SwAV's loss computes them on the fly instead (kernels/swav_head.py).
+# fp32 ulp coarse) are written by one last elementwise pass; SwAV's loss computes them on the fly instead
+# (kernels/swav_head.py).
 #
 # A problem may take L extra rows from a second buffer (SwAV's queue: scores of past embeddings, appended to every
 # assigned crop's batch). They are rows B .. B + L - 1 of the problem: they enter the prototype sums like its own
@@ -340,8 +340,7 @@ def sinkhorn_potentials(x: torch.Tensor, row0: torch.Tensor, rows: int, *, epsil
 def _merged_column_stats(cpart: torch.Tensor, group) -> torch.Tensor:
     """The chunks' column statistics [P, chunks, 2, K] merged here and all-reduced over `group`: [P, 1, 2, K]."""
     col_max, col_sum = cpart[:, :, 0], cpart[:, :, 1]
-    local_max = col_max.amax(dim=1)
-    global_max = local_max.clone()
+    global_max = col_max.amax(dim=1)  # a new tensor: all-reduced in place
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
     total = (col_sum * torch.exp(col_max - global_max[:, None])).sum(dim=1)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)

@@ -186,7 +186,7 @@ def swav_loss(
 #   sinkhorn_potentials   Sinkhorn of every assigned crop's rows of S (and of S_queue) at once (kernels/sinkhorn.py):
 #                         one or two sweeps over the scores per iteration, codes never materialized.
 #   _swav_loss_kernel     per tile of B samples × K columns: codes q_a of the assigned crops from S, log u and
-#                         the rows' log-normalizers (kernels/sinkhorn.py); then for every crop v the cross-entropy
+#                         the rows' normalizers (kernels/sinkhorn.py); then for every crop v the cross-entropy
 #                         against Σ_{a≠v} q_a and its gradient
 #                         dL/dS_v = w·G_v,  G_v = (n_v·softmax(S_v/T) − Σ_{a≠v} q_a)/T,
 #                         n_v = number of assigned crops other than v (each q_a row sums to 1),
@@ -512,7 +512,7 @@ def swav_loss_forward(embeddings, prototypes, *, n_crops, crops_for_assign, temp
     table = _crop_table(dev, n_crops, b, crops_for_assign)
     queue_scores = None if queue is None else _queue_scores(queue, prototypes, b, cfg["dot"])
     log_u, rstat, _ = sinkhorn_potentials(scores, table[:n_assign], b, epsilon=epsilon, iterations=iterations,
-                                           group=group, extra_rows=queue_scores)
+                                          group=group, extra_rows=queue_scores)
 
     lc = cfg["loss"]
     grid = (triton.cdiv(b, lc["BLOCK_B"]), triton.cdiv(k, lc["BLOCK_K"]))

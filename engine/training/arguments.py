@@ -8,7 +8,7 @@ import argparse
 def pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="demo",
                         help="YAML file of the keys that differ from the defaults (SEER's recipe), or the name of a "
-                             "packaged one: demo (the default), seer_regnety_256gf")
+                             "packaged one in engine/configs (default: demo)")
     parser.add_argument("--resume", action="store_const", const=True, default=None,
                         help="same as train.resume=must: continue from the newest complete checkpoint in "
                              "train.output_dir, and fail if there is none (train.resume=auto, the default, "
