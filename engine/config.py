@@ -238,8 +238,8 @@ def sinkhorn_rows(cfg: Config, world_size: int) -> int:
 
 
 def small_batch_advice(cfg: Config, world_size: int) -> str | None:
-    """Why the equal-partition constraint means little at this world size, and the queue length that fixes it;
-    None when the Sinkhorn batch covers the prototypes."""
+    """Why the equal-partition constraint is weak at this world size, and the queue length of SwAV's remedy; None
+    when the Sinkhorn batch covers the prototypes."""
     rows, k = sinkhorn_rows(cfg, world_size), max(cfg.prototype_heads)
     if rows >= k:
         return None
@@ -248,10 +248,9 @@ def small_batch_advice(cfg: Config, world_size: int) -> str | None:
     needed = -(-needed // world_size) * world_size  # each rank keeps an equal share
     return (f"Sinkhorn spreads {rows:,} samples per step ({assign} assigned crops x ({world_size} rank(s) x "
             f"train.batch_size {cfg.train.batch_size} + swav.queue_length {cfg.swav.queue_length:,})) over {k:,} "
-            f"prototypes: "
-            f"fewer samples than prototypes make the equal partition meaningless and training degenerates; set "
-            f"swav.queue_length={needed} or more (a multiple of {world_size}), or fewer "
-            f"model.num_prototypes")
+            f"prototypes: fewer samples than prototypes weaken the equal partition; SwAV's remedy is "
+            f"swav.queue_length={needed} or more (a multiple of {world_size}), or use fewer model.num_prototypes "
+            f"(on the demo at batch 32 the queue did not help: README, 'The SwAV objective')")
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
